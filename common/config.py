@@ -1,0 +1,195 @@
+"""The one typed, frozen configuration of a fedrec run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# Field names are the config keys with "-" spelled "_": `adapter_k` is `adapter-k` in
+# pyproject's [tool.flwr.app.config], in scenario files and on `--run-config`.
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Federation-wide hyper-parameters; defaults equal pyproject's [tool.flwr.app.config]."""
+
+    # --- data -----------------------------------------------------------------------
+    dataset: str = field(default="ml-100k", metadata=_doc("'ml-100k' (bundled) or 'path'."))
+    data_path: str = field(default="", metadata=_doc("Directory or file for dataset='path'."))
+    data_format: str = field(
+        default="auto",
+        metadata=_doc("auto | atomic | ml-100k | ml-1m | ml-csv | csv (generic CSV pair)."),
+    )
+    cache_dir: str = field(default="", metadata=_doc("Cache directory ('' = ~/.cache/fedrec)."))
+    output_dir: str = field(default="", metadata=_doc("Run output ('' = ./outputs/run)."))
+    # --- item tower -----------------------------------------------------------------
+    backbone: str = field(default="", metadata=_doc("Local BERT path or hub id ('' = bundled)."))
+    max_tokens: int = field(default=32, metadata=_doc("Tokens per item text."))
+    adapter_k: int = field(
+        default=0, metadata=_doc("Transformer blocks with LoRA adapters (0 = pooled output only).")
+    )
+    lora_r: int = field(default=8, metadata=_doc("LoRA rank."))
+    lora_alpha: int = field(default=16, metadata=_doc("LoRA alpha."))
+    bottleneck_dim: int = field(default=64, metadata=_doc("Bottleneck adapter width."))
+    model_dim: int = field(default=64, metadata=_doc("Width of item and user vectors."))
+    item_id_embedding: bool = field(default=True, metadata=_doc("Add a learned id embedding."))
+    # --- user tower -----------------------------------------------------------------
+    history_len: int = field(default=50, metadata=_doc("Most recent items the user tower sees."))
+    user_layers: int = field(default=2, metadata=_doc("Causal transformer layers."))
+    user_heads: int = field(default=2, metadata=_doc("Attention heads per layer."))
+    dropout: float = field(default=0.1, metadata=_doc("Dropout in the trainable layers."))
+    # --- training -------------------------------------------------------------------
+    num_negatives: int = field(default=64, metadata=_doc("Sampled negatives per example."))
+    num_server_rounds: int = field(default=10, metadata=_doc("Federated rounds."))
+    fraction_train: float = field(default=1.0, metadata=_doc("Fraction of nodes per round."))
+    fraction_evaluate: float = field(default=1.0, metadata=_doc("Fraction evaluated (0 = off)."))
+    evaluate_every: int = field(default=1, metadata=_doc("Federated evaluation every N rounds."))
+    partition: str = field(default="user", metadata=_doc("user (one per client) | iid."))
+    num_partitions: int = field(default=0, metadata=_doc("Clients for partition=iid."))
+    local_epochs: int = field(default=1, metadata=_doc("Local epochs per round."))
+    batch_size: int = field(default=32, metadata=_doc("Expected batch size (Poisson with DP)."))
+    learning_rate: float = field(default=0.001, metadata=_doc("Local Adam learning rate."))
+    # --- privacy --------------------------------------------------------------------
+    dp_enabled: bool = field(default=False, metadata=_doc("Client-side Opacus DP-SGD."))
+    dp_noise_multiplier: float = field(default=1.0, metadata=_doc("Gaussian noise multiplier."))
+    dp_max_grad_norm: float = field(default=1.0, metadata=_doc("Per-example clipping norm."))
+    dp_delta: float = field(default=1e-5, metadata=_doc("Delta of the record-level guarantee."))
+    dp_target_epsilon: float = field(
+        default=8.0, metadata=_doc("Per-client budget; a client declines to exceed it.")
+    )
+    # --- evaluation and run control -------------------------------------------------
+    central_eval: bool = field(
+        default=True, metadata=_doc("Simulation: also score every user on the server.")
+    )
+    resume: bool = field(default=False, metadata=_doc("Continue from output-dir's checkpoint."))
+    seed: int = field(default=42, metadata=_doc("Seed for sampling and initialisation."))
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_tokens",
+            "model_dim",
+            "bottleneck_dim",
+            "history_len",
+            "user_layers",
+            "user_heads",
+            "num_negatives",
+            "num_server_rounds",
+            "evaluate_every",
+            "local_epochs",
+            "batch_size",
+            "lora_r",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{key_of(name)} must be at least 1, got {getattr(self, name)}.")
+        if self.adapter_k < 0:
+            raise ValueError(f"adapter-k must be 0 or more, got {self.adapter_k}.")
+        if self.model_dim % self.user_heads:
+            raise ValueError(
+                f"model-dim ({self.model_dim}) must be divisible by user-heads ({self.user_heads})."
+            )
+        for name in ("fraction_train", "fraction_evaluate", "dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{key_of(name)} must lie in [0, 1], got {value}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning-rate must be positive, got {self.learning_rate}.")
+        if self.partition not in ("user", "iid"):
+            raise ValueError(f"partition must be 'user' or 'iid', got {self.partition!r}.")
+        if self.partition == "iid" and self.num_partitions < 1:
+            raise ValueError("partition='iid' needs num-partitions of at least 1.")
+        if self.dataset not in ("ml-100k", "path"):
+            raise ValueError(f"dataset must be 'ml-100k' or 'path', got {self.dataset!r}.")
+        if self.dataset == "path" and not self.data_path:
+            raise ValueError("dataset='path' needs data-path: the directory or file to read.")
+        if self.dp_enabled:
+            if self.dp_noise_multiplier <= 0:
+                raise ValueError("dp-noise-multiplier must be positive when dp-enabled is true.")
+            if self.dp_max_grad_norm <= 0:
+                raise ValueError("dp-max-grad-norm must be positive when dp-enabled is true.")
+            if not 0 < self.dp_delta < 1:
+                raise ValueError(f"dp-delta must lie in (0, 1), got {self.dp_delta}.")
+            if self.dp_target_epsilon <= 0:
+                raise ValueError("dp-target-epsilon must be positive when dp-enabled is true.")
+
+    # --- derived paths ---------------------------------------------------------------
+    @property
+    def cache_path(self) -> Path:
+        """Where datasets and frozen-backbone caches live."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path(os.environ.get("FEDREC_CACHE", "~/.cache/fedrec")).expanduser()
+
+    @property
+    def output_path(self) -> Path:
+        """Where a run writes its models and metrics."""
+        return Path(self.output_dir or "outputs/run").expanduser()
+
+    # --- construction ----------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Config:
+        """Build from Flower's run_config (or any key -> scalar mapping); unknown keys fail."""
+        known = {key_of(f.name): f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(
+                f"Unknown config key(s): {', '.join(unknown)}. Known keys: {', '.join(known)}."
+            )
+        kwargs = {}
+        for key, value in values.items():
+            f = known[key]
+            kwargs[f.name] = _coerce(key, value, type(getattr(cls(), f.name)))
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, table: str = "run") -> Config:
+        """Build from a scenario TOML file's [run] table."""
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+        return cls.from_mapping(data.get(table, {}))
+
+    def merged(self, overrides: Mapping[str, Any]) -> Config:
+        """This config with `overrides` (e.g. Flower's run_config) applied on top."""
+        return Config.from_mapping({**self.to_mapping(), **overrides})
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The config as key -> scalar, spelled as in pyproject."""
+        return {key_of(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def key_of(field_name: str) -> str:
+    """The config key of a Config field (``adapter_k`` -> ``adapter-k``)."""
+    return field_name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"{key} must be true or false, got {value!r}.")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise ValueError(f"{key} must be an integer, got {value!r}.")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key} must be a number, got {value!r}.")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}.")
+    return value

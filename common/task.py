@@ -1,0 +1,98 @@
+"""Assemble a run's pieces from its Config: data, frozen item states, model, users' cases.
+
+Shared by the ClientApp, the ServerApp and the benchmarks; nothing here imports Flower.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig
+
+from common.backbone import ItemStates, cached_item_states, load_backbone, resolve_backbone
+from common.config import Config
+from common.data import Dataset, UserSplit, load_dataset, partition_users, split_by_user
+from common.model import Recommender
+from common.train import EvalCase, Examples, build_examples
+
+
+# Per-process cache of the public, read-only inputs (catalog and, in simulation, the
+# dataset): Ray reuses a worker for many virtual clients, which then parse the files once.
+@functools.lru_cache(maxsize=2)
+def _load(
+    dataset: str, data_path: str, data_format: str, cache_dir: str
+) -> tuple[Dataset, tuple[UserSplit, ...]]:
+    data = load_dataset(
+        dataset=dataset, data_path=data_path, data_format=data_format, cache_dir=Path(cache_dir)
+    )
+    return data, tuple(split_by_user(data.interactions))
+
+
+def load_data(cfg: Config) -> tuple[Dataset, tuple[UserSplit, ...]]:
+    """The run's dataset and every user's chronological split (cached per process)."""
+    return _load(cfg.dataset, cfg.data_path, cfg.data_format, str(cfg.cache_path))
+
+
+def partition_of(cfg: Config, splits: tuple[UserSplit, ...], partition_id: int) -> list[UserSplit]:
+    """The users that simulated client `partition_id` holds."""
+    parts = partition_users(
+        len(splits), scheme=cfg.partition, num_partitions=cfg.num_partitions, seed=cfg.seed
+    )
+    if not 0 <= partition_id < len(parts):
+        raise ValueError(
+            f"partition-id {partition_id} is out of range: the run has {len(parts)} partitions "
+            "(set num-supernodes to match)."
+        )
+    return [splits[u] for u in parts[partition_id]]
+
+
+def num_partitions(cfg: Config, splits: tuple[UserSplit, ...]) -> int:
+    """How many clients the data is split into."""
+    return len(splits) if cfg.partition == "user" else cfg.num_partitions
+
+
+def item_states(cfg: Config, dataset: Dataset) -> ItemStates:
+    """Frozen backbone states of the catalog, from the disk cache."""
+    return cached_item_states(
+        load_backbone(cfg.backbone),
+        list(dataset.catalog.texts),
+        dataset.catalog.fingerprint(),
+        k=cfg.adapter_k,
+        max_tokens=cfg.max_tokens,
+        cache_dir=cfg.cache_path,
+    )
+
+
+def build_model(cfg: Config, *, num_items: int) -> Recommender:
+    """A freshly initialised recommender for this config (seeded, so every builder agrees)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.adapter_k:
+        backbone = load_backbone(cfg.backbone)
+        blocks = list(backbone.model.encoder.layer[backbone.num_layers - cfg.adapter_k :])
+        hidden = backbone.hidden_size
+    else:  # no blocks needed: the config alone gives the width
+        blocks = None
+        hidden = AutoConfig.from_pretrained(resolve_backbone(cfg.backbone)).hidden_size
+    return Recommender(cfg, hidden_size=hidden, num_items=num_items, blocks=blocks)
+
+
+def train_examples(cfg: Config, users: list[UserSplit]) -> Examples:
+    """Training examples of these users (their train interactions only)."""
+    return build_examples([u.train for u in users], history_len=cfg.history_len)
+
+
+def eval_cases(users: list[UserSplit], split: str) -> list[EvalCase]:
+    """Held-out cases: 'valid' ranks the valid item after train; 'test' after train + valid."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}.")
+    cases = []
+    for u in users:
+        if split == "valid" and u.valid >= 0:
+            cases.append(EvalCase(u.train, u.valid, u.train))
+        elif split == "test" and u.test >= 0:
+            seen = np.append(u.train, u.valid) if u.valid >= 0 else u.train
+            cases.append(EvalCase(seen, u.test, seen))
+    return cases

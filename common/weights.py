@@ -1,0 +1,153 @@
+"""Trainable state <-> numpy arrays, and the self-describing model directory.
+
+Only trainable tensors ever leave a device: the frozen backbone never travels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from peft import LoraConfig
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+from torch import nn
+
+from common.config import Config
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+METADATA = "fedrec.json"
+FORMAT_VERSION = 1
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under Opacus's GradSampleModule (which stores it as `_module`)."""
+    return getattr(model, "_module", model)
+
+
+def trainable_state(model: nn.Module) -> OrderedDict[str, np.ndarray]:
+    """The trainable tensors as float32 numpy arrays, in a stable order."""
+    return OrderedDict(
+        (name, p.detach().cpu().float().numpy().copy())
+        for name, p in _unwrap(model).named_parameters()
+        if p.requires_grad
+    )
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
+    """Copy trainable tensors into the model; names and shapes must match exactly."""
+    params = {n: p for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(state))
+    extra = sorted(set(state) - set(params))
+    if missing or extra:
+        raise ValueError(
+            f"Trainable tensors do not match the model: missing {missing[:5]}, "
+            f"unexpected {extra[:5]} (model has {len(params)}, update has {len(state)})."
+        )
+    for name, p in params.items():
+        value = np.asarray(state[name])
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(
+                f"Tensor {name!r} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(p.shape)}."
+            )
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"Tensor {name!r} holds NaN or infinite values.")
+        with torch.no_grad():
+            p.copy_(torch.from_numpy(value).to(p.dtype))
+
+
+def to_arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
+    """The trainable state as Flower's ArrayRecord (order kept)."""
+    return ArrayRecord(OrderedDict((k, torch.from_numpy(np.asarray(v))) for k, v in state.items()))
+
+
+def from_arrays(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    """Flower's ArrayRecord as the trainable state."""
+    return OrderedDict((k, a.numpy()) for k, a in record.items())
+
+
+def state_bytes(state: dict[str, np.ndarray]) -> int:
+    """Bytes of the tensors' data."""
+    return int(sum(np.asarray(a).nbytes for a in state.values()))
+
+
+def _is_lora(name: str) -> bool:
+    return ".lora_" in name
+
+
+def save_model_dir(
+    path: Path, *, state: dict[str, np.ndarray], cfg: Config, metadata: dict[str, Any]
+) -> Path:
+    """Write the model directory atomically (temporary name, then rename).
+
+    Layout: `adapter_config.json` + `adapter_model.safetensors` (peft's LoRA format, present
+    when adapter-k > 0), `trainable.safetensors` (every other trainable tensor) and
+    `fedrec.json` (config, backbone and catalog identity, round, metrics, privacy spent).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        lora = {n: v for n, v in state.items() if _is_lora(n)}
+        rest = {n: v for n, v in state.items() if not _is_lora(n)}
+        if lora:
+            # peft names: base_model.model.<module path>.lora_A.weight (adapter name dropped)
+            peft_state = {
+                "base_model.model." + n.replace(".default.", "."): np.ascontiguousarray(v)
+                for n, v in lora.items()
+            }
+            save_numpy(peft_state, str(tmp / ADAPTER_WEIGHTS))
+            lora_cfg = LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.dropout,
+                target_modules=["query", "value"],
+                base_model_name_or_path=metadata.get("backbone", ""),
+            )
+            lora_cfg.save_pretrained(str(tmp))
+        save_numpy(
+            {n: np.ascontiguousarray(v) for n, v in rest.items()}, str(tmp / TRAINABLE_WEIGHTS)
+        )
+        meta = {"format": FORMAT_VERSION, "config": cfg.to_mapping(), **metadata}
+        (tmp / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_model_dir(path: Path) -> tuple[OrderedDict[str, np.ndarray], dict[str, Any]]:
+    """Read a model directory: (trainable state by model parameter name, metadata)."""
+    path = Path(path)
+    meta_file = path / METADATA
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{path} is not a fedrec model directory: {METADATA} is missing.")
+    meta = json.loads(meta_file.read_text())
+    state: OrderedDict[str, np.ndarray] = OrderedDict(load_numpy(str(path / TRAINABLE_WEIGHTS)))
+    adapter = path / ADAPTER_WEIGHTS
+    if adapter.exists():
+        for name, value in load_numpy(str(adapter)).items():
+            inner = name.removeprefix("base_model.model.")
+            for part in (".lora_A.", ".lora_B."):
+                inner = inner.replace(part, f"{part}default.")
+            state[inner] = value
+    return state, meta

@@ -1,0 +1,67 @@
+"""A run's output directory: per-round model checkpoints and the metrics JSON-lines file."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from common.config import Config
+from common.weights import load_model_dir, save_model_dir
+
+METRICS_FILE = "metrics.jsonl"
+MODELS_DIR = "models"
+LATEST = "LATEST"  # text file naming the newest round directory
+
+
+class RunLog:
+    """Writes `models/round-NNN/`, `models/final/` and appends to `metrics.jsonl`."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.models = self.root / MODELS_DIR
+        self.models.mkdir(parents=True, exist_ok=True)
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append one round's row (NaN/inf written as null)."""
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in row.items()
+        }
+        with open(self.root / METRICS_FILE, "a") as fh:
+            fh.write(json.dumps(clean, sort_keys=True) + "\n")
+
+    def save_round(self, round_: int, *, state, cfg: Config, metadata: dict[str, Any]) -> Path:
+        """Checkpoint the global model of a round and point LATEST at it."""
+        path = save_model_dir(
+            self.models / f"round-{round_:03d}",
+            state=state,
+            cfg=cfg,
+            metadata={**metadata, "round": round_},
+        )
+        tmp = self.models / f".{LATEST}.tmp"
+        tmp.write_text(path.name)
+        tmp.replace(self.models / LATEST)
+        return path
+
+    def save_final(self, *, state, cfg: Config, metadata: dict[str, Any]) -> Path:
+        """The run's final global model."""
+        return save_model_dir(self.models / "final", state=state, cfg=cfg, metadata=metadata)
+
+    def latest(self) -> tuple[int, dict, dict] | None:
+        """(round, state, metadata) of the newest checkpoint, or None."""
+        pointer = self.models / LATEST
+        if not pointer.exists():
+            return None
+        state, meta = load_model_dir(self.models / pointer.read_text().strip())
+        return int(meta["round"]), state, meta
+
+    def truncate_metrics_after(self, round_: int) -> None:
+        """Drop rows of rounds after `round_` (left by a run that died before checkpointing)."""
+        path = self.root / METRICS_FILE
+        if not path.exists():
+            return
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line).get("round", 0) <= round_]
+        path.write_text("".join(line + "\n" for line in kept))

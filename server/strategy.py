@@ -1,0 +1,182 @@
+"""FedAvg over the trainable tensors, hardened: bad or declined updates are dropped, not fatal."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+log = logging.getLogger(__name__)
+
+# Keys of the client's reply MetricRecord (see client/client_app.py).
+NUM_EXAMPLES = "num-examples"
+DECLINED = "declined"
+
+
+@dataclass
+class RoundStats:
+    """What one round of training looked like, for the metrics file."""
+
+    started: float = field(default_factory=time.perf_counter)
+    clients_sampled: int = 0
+    clients_train: int = 0
+    clients_declined: int = 0
+    clients_rejected: int = 0
+    clients_failed: int = 0
+    train_loss: float | None = None
+    epsilons: list[float] = field(default_factory=list)
+    update_seconds: list[float] = field(default_factory=list)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    evaluate: dict[str, float] = field(default_factory=dict)
+
+
+def array_bytes(arrays: ArrayRecord) -> int:
+    """Bytes of an ArrayRecord's tensor data."""
+    return int(sum(len(a.data) for a in arrays.values()))
+
+
+class FedRecAvg(FedAvg):
+    """FedAvg weighted by examples that validates each reply before it is averaged.
+
+    A reply is rejected (and logged) when its tensors' names, shapes or dtypes differ from the
+    global model's, or hold NaN/inf; a client that declines (privacy budget spent) is counted
+    and skipped. The round goes on with the remaining replies.
+    """
+
+    def __init__(self, *, evaluate_every: int = 1, num_rounds: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.evaluate_every = evaluate_every
+        self.num_rounds = num_rounds
+        self.stats: dict[int, RoundStats] = {}
+        self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        stats = self.stats.setdefault(server_round, RoundStats())
+        self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        stats.clients_sampled = len(messages)
+        stats.bytes_down += array_bytes(arrays) * len(messages)
+        return messages
+
+    def _problem(self, msg: Message) -> str | None:
+        """Why a reply cannot be averaged, or None."""
+        content = msg.content
+        if len(content.metric_records) != 1:
+            return "expected exactly one MetricRecord"
+        metrics = next(iter(content.metric_records.values()))
+        weight = metrics.get(NUM_EXAMPLES)
+        if not isinstance(weight, int | float) or weight <= 0 or not np.isfinite(weight):
+            return f"'{NUM_EXAMPLES}' must be a positive number, got {weight!r}"
+        if len(content.array_records) != 1:
+            return "expected exactly one ArrayRecord"
+        arrays = next(iter(content.array_records.values()))
+        if set(arrays.keys()) != set(self._expected):
+            missing = sorted(set(self._expected) - set(arrays.keys()))[:3]
+            extra = sorted(set(arrays.keys()) - set(self._expected))[:3]
+            return f"tensor names differ from the global model (missing {missing}, extra {extra})"
+        for key, array in arrays.items():
+            shape, dtype = self._expected[key]
+            if tuple(array.shape) != shape or array.dtype != dtype:
+                return (
+                    f"tensor {key!r} is {array.dtype}{list(array.shape)}, "
+                    f"expected {dtype}{list(shape)}"
+                )
+            if not np.all(np.isfinite(array.numpy())):
+                return f"tensor {key!r} holds NaN or infinite values"
+        return None
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.stats.setdefault(server_round, RoundStats())
+        accepted: list[Message] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                stats.clients_failed += 1
+                log.warning("Round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                continue
+            metrics = next(iter(msg.content.metric_records.values()), {})
+            if metrics.get(DECLINED):
+                stats.clients_declined += 1
+                log.info(
+                    "Round %d: node %d declined to train (%s)",
+                    server_round,
+                    node,
+                    "privacy budget spent",
+                )
+                stats.epsilons.extend(_floats(metrics, "epsilon"))
+                continue
+            problem = self._problem(msg)
+            if problem:
+                stats.clients_rejected += 1
+                log.warning(
+                    "Round %d: rejected the update of node %d: %s", server_round, node, problem
+                )
+                continue
+            accepted.append(msg)
+            stats.bytes_up += array_bytes(next(iter(msg.content.array_records.values())))
+            stats.epsilons.extend(_floats(metrics, "epsilon"))
+            stats.update_seconds.extend(_floats(metrics, "update-s"))
+        stats.clients_train = len(accepted)
+        if not accepted:
+            log.warning("Round %d: no usable update; the global model is unchanged.", server_round)
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, accepted)
+        if metrics is not None and "train-loss" in metrics:
+            stats.train_loss = float(metrics["train-loss"])
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        due = server_round % self.evaluate_every == 0 or server_round == self.num_rounds
+        if not due:
+            return []
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.stats.setdefault(server_round, RoundStats()).bytes_down += array_bytes(arrays) * len(
+            messages
+        )
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        usable = []
+        for msg in replies:
+            if msg.has_error():
+                log.warning(
+                    "Round %d: evaluation failed on node %d: %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    msg.error.reason,
+                )
+                continue
+            metrics = next(iter(msg.content.metric_records.values()), {})
+            if metrics.get(NUM_EXAMPLES, 0) > 0:
+                usable.append(msg)
+        if not usable:
+            return None
+        metrics = super().aggregate_evaluate(server_round, usable)
+        if metrics is not None:
+            self.stats.setdefault(server_round, RoundStats()).evaluate = {
+                k: float(v) for k, v in metrics.items() if isinstance(v, int | float)
+            }
+        return metrics
+
+
+def _floats(metrics, key: str) -> list[float]:
+    value = metrics.get(key)
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    return [float(v) for v in values if np.isfinite(v)]

@@ -1,0 +1,45 @@
+"""The config: defaults equal pyproject's, validation speaks in sentences."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import Config
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def test_defaults_equal_pyproject():
+    table = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert Config().to_mapping() == table
+
+
+def test_from_mapping_coerces_and_rejects_unknown_keys():
+    cfg = Config.from_mapping({"adapter-k": 1, "dp-enabled": "true", "learning-rate": 1})
+    assert (cfg.adapter_k, cfg.dp_enabled, cfg.learning_rate) == (1, True, 1.0)
+    with pytest.raises(ValueError, match="Unknown config key.*adapter-kk"):
+        Config.from_mapping({"adapter-kk": 1})
+    with pytest.raises(ValueError, match="adapter-k must be an integer"):
+        Config.from_mapping({"adapter-k": 1.5})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"model_dim": 30, "user_heads": 4}, "divisible"),
+        ({"fraction_train": 1.5}, r"fraction-train must lie in \[0, 1\]"),
+        ({"dataset": "path"}, "needs data-path"),
+        ({"partition": "iid"}, "num-partitions"),
+        ({"adapter_k": -1}, "adapter-k must be 0 or more"),
+    ],
+)
+def test_invalid_configs_fail_with_a_sentence(changes, message):
+    with pytest.raises(ValueError, match=message):
+        Config(**changes)
+
+
+def test_merged_applies_run_config_on_top_of_a_base():
+    base = Config(num_server_rounds=2)
+    assert base.merged({}).num_server_rounds == 2
+    assert base.merged({"num-server-rounds": 5}).num_server_rounds == 5

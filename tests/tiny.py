@@ -1,0 +1,72 @@
+"""A tiny recommender over a tiny random BERT, for fast model and privacy tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import BertConfig, BertModel
+
+from common.backbone import ItemStates
+from common.config import Config
+from common.model import Recommender
+from common.train import Examples, build_examples
+
+NUM_ITEMS = 24
+TOKENS = 5
+HIDDEN = 32
+
+
+def tiny_config(**changes) -> Config:
+    base = dict(
+        model_dim=16,
+        bottleneck_dim=8,
+        history_len=6,
+        num_negatives=5,
+        batch_size=8,
+        user_layers=1,
+        user_heads=2,
+        max_tokens=TOKENS,
+        lora_r=4,
+        dropout=0.0,
+    )
+    return Config(**{**base, **changes})
+
+
+def tiny_bert(seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=40,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
+    return BertModel(cfg, add_pooling_layer=False).eval().requires_grad_(False)
+
+
+def tiny_setup(
+    k: int, seed: int = 0, **changes
+) -> tuple[Config, Recommender, ItemStates, BertModel]:
+    """Config, model, random item states (with one padded token per item) and the BERT."""
+    cfg = tiny_config(adapter_k=k, **changes)
+    bert = tiny_bert(seed)
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(NUM_ITEMS, TOKENS, dtype=torch.bool)
+    mask[:, -1] = False
+    if k:
+        states = torch.randn(NUM_ITEMS, TOKENS, HIDDEN, generator=gen)
+        blocks = list(bert.encoder.layer[-k:])
+    else:
+        states, blocks = torch.randn(NUM_ITEMS, HIDDEN, generator=gen), None
+    torch.manual_seed(seed)
+    model = Recommender(cfg, hidden_size=HIDDEN, num_items=NUM_ITEMS, blocks=blocks)
+    return cfg, model, ItemStates(states, mask), bert
+
+
+def tiny_examples(num_users: int = 4, length: int = 12, seed: int = 0) -> Examples:
+    rng = np.random.default_rng(seed)
+    seqs = [rng.permutation(NUM_ITEMS)[:length] for _ in range(num_users)]
+    return build_examples(seqs, history_len=6)
