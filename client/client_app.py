@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 
 from common.config import Config
 from common.data import UserSplit
+from common.metrics import peak_rss_mb
 from common.privacy import BudgetExceeded, PrivacyLedger
 from common.task import (
     build_model,
@@ -109,6 +110,7 @@ def train_handler(msg: Message, context: Context, base: Config) -> Message:
         "steps": result.steps,
         "train-s": result.seconds,
         "update-s": time.perf_counter() - start,
+        "peak-rss-mb": peak_rss_mb(),
     }
     if result.epsilon is not None:
         metrics["epsilon"] = result.epsilon

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, BertModel, PreTrainedTokenizerBase
 
@@ -60,6 +61,8 @@ def load_backbone(backbone: str = "") -> Backbone:
             f"Backbone {backbone!r} is not a local directory and HF_HUB_OFFLINE=1 forbids a "
             "download. Pass a local path, or leave backbone empty for the bundled MiniLM."
         )
+    transformers.logging.set_verbosity_error()  # the unused-pooler load report is noise here
+    transformers.logging.disable_progress_bar()
     model = BertModel.from_pretrained(name, attn_implementation="eager", add_pooling_layer=False)
     model.eval()
     model.requires_grad_(False)

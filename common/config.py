@@ -58,9 +58,16 @@ class Config:
     local_epochs: int = field(default=1, metadata=_doc("Local epochs per round."))
     batch_size: int = field(default=32, metadata=_doc("Expected batch size (Poisson with DP)."))
     learning_rate: float = field(default=0.001, metadata=_doc("Local Adam learning rate."))
+    strategy: str = field(default="fedavg", metadata=_doc("Aggregation: fedavg | fedadam."))
+    server_learning_rate: float = field(
+        default=0.01, metadata=_doc("FedAdam's server learning rate (unused by fedavg).")
+    )
     # --- privacy --------------------------------------------------------------------
     dp_enabled: bool = field(default=False, metadata=_doc("Client-side Opacus DP-SGD."))
-    dp_noise_multiplier: float = field(default=1.0, metadata=_doc("Gaussian noise multiplier."))
+    dp_noise_multiplier: float = field(
+        default=0.0,
+        metadata=_doc("Noise multiplier; 0 = each client calibrates it once to its budget."),
+    )
     dp_max_grad_norm: float = field(default=1.0, metadata=_doc("Per-example clipping norm."))
     dp_delta: float = field(default=1e-5, metadata=_doc("Delta of the record-level guarantee."))
     dp_target_epsilon: float = field(
@@ -103,6 +110,10 @@ class Config:
                 raise ValueError(f"{key_of(name)} must lie in [0, 1], got {value}.")
         if self.learning_rate <= 0:
             raise ValueError(f"learning-rate must be positive, got {self.learning_rate}.")
+        if self.strategy not in ("fedavg", "fedadam"):
+            raise ValueError(f"strategy must be 'fedavg' or 'fedadam', got {self.strategy!r}.")
+        if self.server_learning_rate <= 0:
+            raise ValueError("server-learning-rate must be positive.")
         if self.partition not in ("user", "iid"):
             raise ValueError(f"partition must be 'user' or 'iid', got {self.partition!r}.")
         if self.partition == "iid" and self.num_partitions < 1:
@@ -112,8 +123,8 @@ class Config:
         if self.dataset == "path" and not self.data_path:
             raise ValueError("dataset='path' needs data-path: the directory or file to read.")
         if self.dp_enabled:
-            if self.dp_noise_multiplier <= 0:
-                raise ValueError("dp-noise-multiplier must be positive when dp-enabled is true.")
+            if self.dp_noise_multiplier < 0:
+                raise ValueError("dp-noise-multiplier must be 0 (calibrate) or positive.")
             if self.dp_max_grad_norm <= 0:
                 raise ValueError("dp-max-grad-norm must be positive when dp-enabled is true.")
             if not 0 < self.dp_delta < 1:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import resource
+import sys
+
 import numpy as np
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def rank_of_target(scores: np.ndarray, target: int, exclude: np.ndarray | None = None) -> int:

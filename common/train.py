@@ -146,8 +146,13 @@ def train(
     epochs: int,
     seed: int,
     privacy: PrivacySettings | None = None,
+    max_seconds: float | None = None,
 ) -> TrainResult:
-    """Train the model's trainable tensors in place; privately when `privacy` is given."""
+    """Train the model's trainable tensors in place; privately when `privacy` is given.
+
+    `max_seconds` stops early (a wall-clock budget for benchmarks); the ledger still records
+    exactly the steps taken.
+    """
     start = time.perf_counter()
     n = len(examples)
     if n == 0:
@@ -172,6 +177,8 @@ def train(
     losses, steps = [], 0
     for _ in range(epochs):
         for history, target in loader:
+            if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                break
             candidates = sample_candidates(
                 target, num_items=num_items, num_negatives=cfg.num_negatives, generator=generator
             )

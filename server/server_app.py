@@ -11,12 +11,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.backbone import load_backbone
 from common.config import Config
+from common.metrics import peak_rss_mb
 from common.privacy import ACCOUNTANT, COMPOSITION, UNIT
 from common.task import build_model, eval_cases, item_states, load_data, num_partitions
 from common.train import evaluate
 from common.weights import from_arrays, load_trainable_state, to_arrays, trainable_state
 from server.runlog import RunLog
-from server.strategy import FedRecAvg
+from server.strategy import make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,9 @@ def run_federation(grid: Grid, cfg: Config) -> None:
 
     # 4. Strategy: every partition must be connected before round 1 (no under-sampling)
     nodes = num_partitions(cfg, splits)
-    strategy = FedRecAvg(
+    strategy = make_strategy(
+        cfg.strategy,
+        server_learning_rate=cfg.server_learning_rate,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=max(1, int(nodes * cfg.fraction_train)),
@@ -79,9 +82,11 @@ def run_federation(grid: Grid, cfg: Config) -> None:
     start = time.perf_counter()
     last_end = [start]
     spent: dict[str, float] = {}
+    latest: list[ArrayRecord] = []  # the global model after the newest round
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         global_round = done + server_round
+        latest[:] = [arrays]
         load_trainable_state(model, from_arrays(arrays))
         row: dict[str, object] = {"round": global_round}
         if cfg.central_eval:
@@ -99,6 +104,7 @@ def run_federation(grid: Grid, cfg: Config) -> None:
             row.update(_stats_row(stats, cfg))
             if stats.epsilons:
                 spent.update(row_epsilon(row))
+        row["server_peak_rss_mb"] = peak_rss_mb()
         now = time.perf_counter()
         row["elapsed_s"] = now - start
         row["round_s"] = now - last_end[0]
@@ -113,7 +119,7 @@ def run_federation(grid: Grid, cfg: Config) -> None:
         runlog.append_metrics(row)
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float)})
 
-    result = strategy.start(
+    strategy.start(
         grid=grid,
         initial_arrays=to_arrays(trainable_state(model)),
         num_rounds=remaining,
@@ -122,8 +128,8 @@ def run_federation(grid: Grid, cfg: Config) -> None:
         evaluate_fn=after_round if not done else _skip_round_zero(after_round),
     )
 
-    # 6. The final model
-    load_trainable_state(model, from_arrays(result.arrays))
+    # 6. The final model (unchanged when no client could train, e.g. every budget spent)
+    load_trainable_state(model, from_arrays(latest[0]))
     final = runlog.save_final(
         state=trainable_state(model),
         cfg=cfg,
@@ -153,6 +159,8 @@ def _stats_row(stats, cfg: Config) -> dict[str, object]:
     }
     if stats.clients_sampled:
         row["bytes_per_client"] = (stats.bytes_down + stats.bytes_up) / stats.clients_sampled
+    if stats.client_peak_rss_mb:
+        row["client_peak_rss_mb"] = stats.client_peak_rss_mb
     if stats.update_seconds:
         row["client_update_s_mean"] = float(np.mean(stats.update_seconds))
     row.update({f"fed_{k}": v for k, v in stats.evaluate.items() if k != "num-examples"})

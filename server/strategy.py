@@ -1,16 +1,19 @@
-"""FedAvg over the trainable tensors, hardened: bad or declined updates are dropped, not fatal."""
+"""Aggregation strategies over the trainable tensors, hardened: bad or declined updates are
+dropped and logged, never fatal."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ class RoundStats:
     train_loss: float | None = None
     epsilons: list[float] = field(default_factory=list)
     update_seconds: list[float] = field(default_factory=list)
+    client_peak_rss_mb: float = 0.0
     bytes_down: int = 0
     bytes_up: int = 0
     evaluate: dict[str, float] = field(default_factory=dict)
@@ -42,12 +46,13 @@ def array_bytes(arrays: ArrayRecord) -> int:
     return int(sum(len(a.data) for a in arrays.values()))
 
 
-class FedRecAvg(FedAvg):
-    """FedAvg weighted by examples that validates each reply before it is averaged.
+class ValidatedReplies:
+    """Mixin for a Flower strategy: validate each reply before it is aggregated.
 
     A reply is rejected (and logged) when its tensors' names, shapes or dtypes differ from the
     global model's, or hold NaN/inf; a client that declines (privacy budget spent) is counted
-    and skipped. The round goes on with the remaining replies.
+    and skipped. The round goes on with the remaining replies. Also records each round's
+    traffic and privacy figures in `stats`, and evaluates every `evaluate_every` rounds.
     """
 
     def __init__(self, *, evaluate_every: int = 1, num_rounds: int = 1, **kwargs):
@@ -127,14 +132,27 @@ class FedRecAvg(FedAvg):
             stats.bytes_up += array_bytes(next(iter(msg.content.array_records.values())))
             stats.epsilons.extend(_floats(metrics, "epsilon"))
             stats.update_seconds.extend(_floats(metrics, "update-s"))
+            stats.client_peak_rss_mb = max(
+                [stats.client_peak_rss_mb, *_floats(metrics, "peak-rss-mb")]
+            )
         stats.clients_train = len(accepted)
         if not accepted:
             log.warning("Round %d: no usable update; the global model is unchanged.", server_round)
             return None, None
         arrays, metrics = super().aggregate_train(server_round, accepted)
+        if arrays is not None:
+            arrays = self._as_expected(arrays)
         if metrics is not None and "train-loss" in metrics:
             stats.train_loss = float(metrics["train-loss"])
         return arrays, metrics
+
+    def _as_expected(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Cast back to the global model's dtypes (FedAdam's numpy arithmetic yields float64)."""
+        out = OrderedDict()
+        for key, array in arrays.items():
+            value = array.numpy()
+            out[key] = torch.from_numpy(value.astype(np.dtype(self._expected[key][1]), copy=False))
+        return ArrayRecord(out)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -172,6 +190,26 @@ class FedRecAvg(FedAvg):
                 k: float(v) for k, v in metrics.items() if isinstance(v, int | float)
             }
         return metrics
+
+
+class FedRecAvg(ValidatedReplies, FedAvg):
+    """FedAvg weighted by examples, with validated replies."""
+
+
+class FedRecAdam(ValidatedReplies, FedAdam):
+    """FedAdam (server-side Adam on the averaged update, Reddi et al. 2021), validated replies."""
+
+
+STRATEGIES = {"fedavg": FedRecAvg, "fedadam": FedRecAdam}
+
+
+def make_strategy(name: str, *, server_learning_rate: float, **kwargs) -> FedAvg:
+    """A strategy from the registry; FedAdam takes the server learning rate as its eta."""
+    if name not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}.")
+    if name == "fedadam":
+        kwargs.update(eta=server_learning_rate, tau=1e-6)
+    return STRATEGIES[name](**kwargs)
 
 
 def _floats(metrics, key: str) -> list[float]:

@@ -1,0 +1,377 @@
+"""Tests for simulations/report.py and the offline parts of simulations/run.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flwr.common.config import parse_config_args
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from simulations import report, run
+
+# Round 0 is the initial evaluation; round 1 has a null and a missing metric; round 2 is last.
+PRIVACY = {
+    "dp_delta": 1e-5,
+    "epsilon_unit": "record",
+    "accountant": "rdp",
+    "composition": "cumulative",
+}
+ROWS = [
+    {"round": 0, "val_hr@10": 0.05, "val_ndcg@10": 0.02, "elapsed_s": 1.5},
+    {
+        "round": 1,
+        "clients_train": 4,
+        "clients_declined": 0,
+        "train_loss": 4.25,
+        "fed_hr@10": 0.1,
+        "fed_ndcg@10": None,
+        "val_hr@10": 0.125,
+        "val_ndcg@10": 0.0625,
+        "epsilon_max": 0.75,
+        "epsilon_mean": 0.5,
+        "elapsed_s": 10.0,
+        **PRIVACY,
+    },
+    {
+        "round": 2,
+        "clients_train": 3,
+        "clients_declined": 1,
+        "train_loss": 3.5,
+        "fed_hr@10": 0.2,
+        "fed_ndcg@10": 0.09,
+        "val_hr@10": 0.25,
+        "val_ndcg@10": 0.125,
+        "test_hr@10": 0.2,
+        "test_ndcg@10": 0.1,
+        "test_mrr@10": 0.0875,
+        "epsilon_max": 1.5,
+        "epsilon_mean": 1.0,
+        "elapsed_s": 20.0,
+        **PRIVACY,
+    },
+]
+
+
+def write_metrics(directory: Path, rows: list[dict] = ROWS) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / report.METRICS_FILE
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_report(directory: Path) -> dict:
+    return report.write_report(
+        directory,
+        scenario={"name": "unit", "description": "hand-written metrics", "path": "unit.toml"},
+        config={"num-server-rounds": 2, "dp-enabled": True, "dp-delta": 1e-5},
+        overrides=["num-server-rounds"],
+        federation={"num-supernodes": 4, "client-resources-num-cpus": 1},
+        status="finished:completed",
+        run_id="123",
+        wall_s=21.0,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# report.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_results_json_has_every_round_and_the_last_as_final(tmp_path: Path) -> None:
+    write_metrics(tmp_path)
+    write_report(tmp_path)
+    results = json.loads((tmp_path / report.RESULTS_FILE).read_text())
+    assert results["status"] == "finished:completed"
+    assert results["run_id"] == "123"
+    assert results["wall_s"] == 21.0
+    assert results["scenario"]["name"] == "unit"
+    assert results["config"]["num-server-rounds"] == 2
+    assert [row["round"] for row in results["rounds"]] == [0, 1, 2]
+    assert results["final"] == ROWS[-1]
+    assert results["privacy"]["epsilon_max"] == 1.5
+    assert results["privacy"]["delta"] == 1e-5
+
+
+def test_report_md_states_privacy_with_delta_unit_accountant_composition(tmp_path: Path) -> None:
+    write_metrics(tmp_path)
+    write_report(tmp_path)
+    text = (tmp_path / report.REPORT_FILE).read_text()
+    privacy = text.split("## Privacy", 1)[1].split("##", 1)[0]
+    for term in ("epsilon", "1.5", "delta = 1e-05", "record-level", "rdp", "cumulative"):
+        assert term in privacy
+    assert "after round 2" in privacy
+    assert "![" in text and report.PLOT_FILE in text
+    assert "| num-server-rounds | `2` | override |" in text
+    assert "finished:completed" in text
+    # per-round table: one row per round, null and missing cells shown as '-'
+    section = text.split("## Rounds", 1)[1].split("## ", 1)[0]
+    table = [line for line in section.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(ROWS)
+    assert " - |" in table[2]
+
+
+def test_epsilon_is_never_bare(tmp_path: Path) -> None:
+    write_metrics(tmp_path)
+    write_report(tmp_path)
+    for line in (tmp_path / report.REPORT_FILE).read_text().splitlines():
+        if "epsilon" in line and not line.startswith("|"):  # table headers point to Privacy
+            assert "delta" in line, line
+
+
+def test_privacy_statement_when_dp_is_off_claims_nothing() -> None:
+    rows = [{"round": 1, "train_loss": 1.0}]
+    statement = report.privacy_summary(rows, {"dp-enabled": False})["statement"]
+    assert "disabled" in statement and "no privacy guarantee" in statement
+    enabled = report.privacy_summary(rows, {"dp-enabled": True})["statement"]
+    assert "enabled" in enabled and "no guarantee" in enabled
+
+
+def test_plot_is_a_non_empty_png(tmp_path: Path) -> None:
+    write_metrics(tmp_path)
+    write_report(tmp_path)
+    data = (tmp_path / report.PLOT_FILE).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 10_000
+
+
+def test_tensorboard_scalars_read_back_equal_the_metrics(tmp_path: Path) -> None:
+    write_metrics(tmp_path)
+    write_report(tmp_path)
+    write_report(tmp_path)  # regenerating must not duplicate the curves
+    events = list((tmp_path / report.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(tmp_path / report.TENSORBOARD_DIR))
+    acc.Reload()
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for row in ROWS:
+        for key, value in row.items():
+            if key != "round" and isinstance(value, int | float):
+                expected.setdefault(report.tag_of(key), []).append((row["round"], value))
+    assert sorted(acc.Tags()["scalars"]) == sorted(expected)
+    for tag, points in expected.items():
+        got = [(e.step, e.value) for e in acc.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in points], tag
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6), tag
+    assert "val/ndcg@10" in expected and "privacy/epsilon_max" in expected
+
+
+def test_regenerating_keeps_the_run_facts(tmp_path: Path, capsys) -> None:
+    write_metrics(tmp_path)
+    write_report(tmp_path)
+    assert report.main([str(tmp_path)]) == 0
+    results = json.loads((tmp_path / report.RESULTS_FILE).read_text())
+    assert results["status"] == "finished:completed"
+    assert results["scenario"]["name"] == "unit"
+    printed = capsys.readouterr().out
+    assert "finished:completed" in printed and "delta = 1e-05" in printed
+
+
+def test_report_cli_refuses_a_directory_without_metrics(tmp_path: Path, capsys) -> None:
+    assert report.main([str(tmp_path)]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_read_metrics_skips_an_unfinished_last_line(tmp_path: Path) -> None:
+    path = write_metrics(tmp_path)
+    with open(path, "a") as fh:
+        fh.write('{"round": 3, "train_lo')
+    with pytest.warns(UserWarning, match="unfinished"):
+        rows = report.read_metrics(path)
+    assert [row["round"] for row in rows] == [0, 1, 2]
+
+
+def test_read_metrics_names_the_line_of_a_broken_row(tmp_path: Path) -> None:
+    path = tmp_path / report.METRICS_FILE
+    path.write_text('{"round": 1}\nnot json\n{"round": 2}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        report.read_metrics(path)
+
+
+def test_a_repeated_round_keeps_its_last_row() -> None:
+    rows = [{"round": 1, "train_loss": 9.0}, {"round": 2}, {"round": 1, "train_loss": 1.0}]
+    rounds = report.rounds_of(rows)
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["train_loss"] == 1.0
+
+
+def test_empty_run_still_gets_a_report(tmp_path: Path) -> None:
+    results = report.write_report(tmp_path, status="finished:failed")
+    assert results["final"] is None
+    assert "No round was logged" in (tmp_path / report.REPORT_FILE).read_text()
+    assert (tmp_path / report.PLOT_FILE).stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------
+# run.py: scenario files, run-config strings, progress lines
+# --------------------------------------------------------------------------------------------
+
+GOOD_SCENARIO = """
+[scenario]
+name = "tiny"
+description = "a test"
+
+[run]
+num-server-rounds = 2
+dataset = "path"
+dp-enabled = true
+
+[federation]
+num-supernodes = 3
+client-resources-num-cpus = 1
+"""
+
+
+def scenario_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "scenario.toml"
+    path.write_text(text)
+    return path
+
+
+def test_load_scenario_reads_all_three_tables(tmp_path: Path) -> None:
+    scenario = run.load_scenario(scenario_file(tmp_path, GOOD_SCENARIO))
+    assert scenario.name == "tiny"
+    assert scenario.description == "a test"
+    assert scenario.run == {"num-server-rounds": 2, "dataset": "path", "dp-enabled": True}
+    assert scenario.federation == {"num-supernodes": 3, "client-resources-num-cpus": 1}
+
+
+def test_scenario_name_defaults_to_the_file_name(tmp_path: Path) -> None:
+    text = GOOD_SCENARIO.replace('name = "tiny"\n', "")
+    assert run.load_scenario(scenario_file(tmp_path, text)).name == "scenario"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (GOOD_SCENARIO + "\n[server]\nx = 1\n", "unknown table.*server"),
+        (GOOD_SCENARIO.replace("num-supernodes = 3\n", ""), "must set num-supernodes"),
+        (GOOD_SCENARIO + "num-gpus = 1\n", "unknown key 'num-gpus'"),
+        (GOOD_SCENARIO.replace("num-supernodes = 3", 'num-supernodes = "3"'), "must be a int"),
+        (GOOD_SCENARIO.replace("num-supernodes = 3", "num-supernodes = 0"), "at least 1"),
+        (GOOD_SCENARIO.replace('name = "tiny"', 'name = "a/b"'), "name 'a/b'"),
+        (GOOD_SCENARIO + "\n[run\n", "not valid TOML"),
+        ('[scenario]\nnam = "x"\n', "unknown key 'nam'"),
+    ],
+)
+def test_bad_scenarios_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(run.ScenarioError, match=message):
+        run.load_scenario(scenario_file(tmp_path, text))
+
+
+def test_missing_scenario_file(tmp_path: Path) -> None:
+    with pytest.raises(run.ScenarioError, match="does not exist"):
+        run.load_scenario(tmp_path / "nope.toml")
+
+
+def test_run_config_is_checked_against_the_app_defaults() -> None:
+    defaults = {"num-server-rounds": 10, "learning-rate": 0.001, "dataset": "ml-100k"}
+    checked = run.check_run_config({"num-server-rounds": 2, "learning-rate": 1}, defaults)
+    assert checked == {"num-server-rounds": 2, "learning-rate": 1.0}
+    assert isinstance(checked["learning-rate"], float)
+    with pytest.raises(run.ScenarioError, match="Unknown run-config key 'rounds'"):
+        run.check_run_config({"rounds": 2}, defaults)
+    with pytest.raises(run.ScenarioError, match="num-server-rounds must be a int"):
+        run.check_run_config({"num-server-rounds": 2.5}, defaults)
+    with pytest.raises(run.ScenarioError, match="dataset must be a str"):
+        run.check_run_config({"dataset": 1}, defaults)
+
+
+def test_run_config_string_quotes_strings_and_lowercases_bools() -> None:
+    values = {
+        "dataset": "path",
+        "data-path": "/tmp/my data/x",
+        "dp-enabled": True,
+        "resume": False,
+        "num-server-rounds": 3,
+        "dp-delta": 1e-5,
+        "learning-rate": 0.001,
+    }
+    text = run.to_config_string(values)
+    assert "dataset='path'" in text
+    assert "dp-enabled=true" in text and "resume=false" in text
+    assert "num-server-rounds=3" in text and "dp-delta=1e-05" in text
+    # the reference: Flower's own parser reads back exactly the values
+    assert parse_config_args([text]) == values
+    assert run.parse_config_string(text) == values
+
+
+def test_strings_with_quotes_still_round_trip_through_flower() -> None:
+    values = {"a": "it's", "b": 'say "hi"', "c": "back\\slash"}
+    assert parse_config_args([run.to_config_string(values)]) == values
+    with pytest.raises(run.ScenarioError, match="both kinds of quote"):
+        run.format_toml_value('it\'s "both"')
+
+
+def test_parse_config_string_rejects_garbage() -> None:
+    with pytest.raises(run.ScenarioError, match="key=value"):
+        run.parse_config_string("num-server-rounds 3")
+    with pytest.raises(run.ScenarioError, match="not valid"):
+        run.parse_config_string("dataset=ml-100k")  # an unquoted string
+
+
+def test_shipped_scenarios_are_valid_for_the_app() -> None:
+    defaults = run.app_defaults(run.PROJECT_DIR)
+    for name in ("demo", "benchmark"):
+        scenario = run.load_scenario(run.PROJECT_DIR / "simulations" / "configs" / f"{name}.toml")
+        assert scenario.name == name
+        overrides = run.check_run_config(scenario.run, defaults)
+        run.check_app_config(run.PROJECT_DIR, {**defaults, **overrides})
+    demo = run.load_scenario(run.PROJECT_DIR / "simulations" / "configs" / "demo.toml")
+    assert demo.run["partition"] == "user" and demo.run["dp-enabled"] is True
+    assert demo.federation["num-supernodes"] == 943
+
+
+def test_output_dir_inside_the_project_must_be_ignored(tmp_path: Path) -> None:
+    (tmp_path / ".gitignore").write_text("outputs/\n")
+    run.check_output_dir(tmp_path / "outputs" / "demo", tmp_path)
+    run.check_output_dir(tmp_path.parent / "elsewhere", tmp_path)
+    with pytest.raises(run.ScenarioError, match="app bundle"):
+        run.check_output_dir(tmp_path / "results", tmp_path)
+
+
+def test_an_old_run_is_not_mixed_into_a_new_one(tmp_path: Path) -> None:
+    write_metrics(tmp_path)
+    with pytest.raises(run.ScenarioError, match="--overwrite"):
+        run.prepare_output_dir(tmp_path, resume=False, overwrite=False)
+    run.prepare_output_dir(tmp_path, resume=True, overwrite=False)  # resume appends
+    assert (tmp_path / report.METRICS_FILE).exists()
+    (tmp_path / "keep.txt").write_text("not a run artifact")
+    run.prepare_output_dir(tmp_path, resume=False, overwrite=True)
+    assert not (tmp_path / report.METRICS_FILE).exists()
+    assert (tmp_path / "keep.txt").exists()
+
+
+def test_metrics_tail_returns_whole_new_lines_only(tmp_path: Path) -> None:
+    path = tmp_path / report.METRICS_FILE
+    tail = run.MetricsTail(path)
+    assert tail.poll() == []
+    path.write_text('{"round": 1}\n{"round": 2')
+    assert tail.poll() == [{"round": 1}]
+    with open(path, "a") as fh:
+        fh.write(', "train_loss": 1.0}\n')
+    assert tail.poll() == [{"round": 2, "train_loss": 1.0}]
+    assert tail.poll() == []
+
+
+def test_progress_line_prefers_val_hr_and_shows_both_ndcgs() -> None:
+    line = run.progress_line(ROWS[2], total_rounds=2, wall_s=99.0)
+    assert line.startswith("round 2/2 | clients 3 (1 declined)")
+    assert "loss 3.5000" in line
+    assert "HR@10 val 0.2500" in line
+    assert "NDCG@10 fed 0.0900 val 0.1250 test 0.1000" in line
+    assert "eps 1.500" in line and line.endswith("20.0 s")
+    bare = run.progress_line({"round": 0}, total_rounds=None, wall_s=3.0)
+    assert bare == "round 0 | 3.0 s"
+    header = run.progress_header(ROWS[1], {"dp-enabled": True})
+    assert all(t in header for t in ("record-level", "delta=1e-05", "rdp", "cumulative"))
+
+
+def test_flwr_config_toml_names_our_connection(tmp_path: Path) -> None:
+    import tomllib
+
+    path = run.write_flwr_config(tmp_path, "127.0.0.1:1234")
+    data = tomllib.loads(path.read_text())
+    assert data["superlink"]["default"] == run.CONNECTION
+    assert data["superlink"][run.CONNECTION] == {"address": "127.0.0.1:1234", "insecure": True}
