@@ -263,11 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="row names to (re)run; other rows are kept from the results file",
     )
-    parser.add_argument("--central-epochs", type=int, default=6)
+    parser.add_argument("--central-epochs", type=int, default=5)
     parser.add_argument(
         "--central-k1-budget-s",
         type=float,
-        default=600.0,
+        default=300.0,
         help="wall-clock budget of the k=1 central row (it is ~50x costlier)",
     )
     parser.add_argument("--results", type=Path, default=RESULTS)
