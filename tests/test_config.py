@@ -43,3 +43,9 @@ def test_merged_applies_run_config_on_top_of_a_base():
     base = Config(num_server_rounds=2)
     assert base.merged({}).num_server_rounds == 2
     assert base.merged({"num-server-rounds": 5}).num_server_rounds == 5
+
+
+def test_central_benchmark_configs_are_valid():
+    configs = PYPROJECT.parent / "simulations" / "configs"
+    for name in ("bench-central.toml", "bench-central-k1.toml"):
+        assert isinstance(Config.from_toml(configs / name), Config)
