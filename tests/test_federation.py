@@ -55,7 +55,7 @@ def tiny_cfg(tmp_path, backbone, data, **changes) -> Config:
 
 
 def test_two_rounds_lower_the_loss_and_write_metrics_and_checkpoints(tmp_path, tiny_world):
-    cfg = tiny_cfg(tmp_path, *tiny_world)
+    cfg = tiny_cfg(tmp_path, *tiny_world, adapter_k=1)  # LoRA in the top block of 2
     rows = run(cfg)
     by_round = {r["round"]: r for r in rows}
     assert sorted(by_round) == [0, 1, 2]
@@ -65,9 +65,19 @@ def test_two_rounds_lower_the_loss_and_write_metrics_and_checkpoints(tmp_path, t
     assert "test_ndcg@10" in by_round[2] and "test_ndcg@10" not in by_round[1]
     assert by_round[2]["clients_train"] == NUM_CLIENTS
     assert by_round[2]["bytes_up"] > 0 and by_round[2]["bytes_down"] > by_round[2]["bytes_up"]
-    state, meta = load_model_dir(cfg.output_path / "models" / "final")
+    final = cfg.output_path / "models" / "final"
+    state, meta = load_model_dir(final)
     assert meta["round"] == 2 and meta["catalog_items"] == 60
-    assert not any(name.startswith("embeddings") for name in state)
+    # Only trainable tensors travelled: inside the adapted block, LoRA factors alone.
+    block_tensors = [n for n in state if n.startswith("items.blocks.")]
+    assert block_tensors and all(".lora_A." in n or ".lora_B." in n for n in block_tensors)
+    assert (final / "adapter_config.json").exists() and (
+        final / "adapter_model.safetensors"
+    ).exists()
+    # bytes_up counts serialized tensors: the raw data plus a small header per tensor
+    raw = sum(v.nbytes for v in state.values())
+    per_client = by_round[2]["bytes_up"] / NUM_CLIENTS
+    assert raw <= per_client <= raw + 256 * len(state)
     assert (cfg.output_path / "models" / "round-002" / "fedrec.json").exists()
 
 
