@@ -77,11 +77,6 @@ def from_arrays(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((k, a.numpy()) for k, a in record.items())
 
 
-def state_bytes(state: dict[str, np.ndarray]) -> int:
-    """Bytes of the tensors' data."""
-    return int(sum(np.asarray(a).nbytes for a in state.values()))
-
-
 def _is_lora(name: str) -> bool:
     return ".lora_" in name
 

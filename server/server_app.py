@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.backbone import load_backbone
 from common.config import Config
 from common.metrics import peak_rss_mb
-from common.privacy import ACCOUNTANT, COMPOSITION, UNIT
+from common.privacy import ACCOUNTANT, COMPOSITION, UNIT, guarantee
 from common.task import build_model, eval_cases, item_states, load_data, num_partitions
 from common.train import evaluate
 from common.weights import from_arrays, load_trainable_state, to_arrays, trainable_state
@@ -188,11 +188,7 @@ def _privacy(cfg: Config, spent: dict[str, float]) -> dict[str, object]:
         return {"dp": False}
     return {
         "dp": True,
-        "epsilon_max": spent.get("epsilon_max"),
+        **guarantee(spent.get("epsilon_max"), cfg.dp_delta),  # the largest over clients
         "epsilon_mean": spent.get("epsilon_mean"),
-        "delta": cfg.dp_delta,
-        "unit": UNIT,
-        "accountant": ACCOUNTANT,
-        "composition": COMPOSITION,
         "target_epsilon": cfg.dp_target_epsilon,
     }

@@ -22,6 +22,19 @@ def settings(path, **changes):
     return PrivacySettings(**{**base, **changes})
 
 
+def step(model, cfg, examples, items, *, seed, privacy):
+    """One local epoch of private training."""
+    return train(
+        model=model,
+        cfg=cfg,
+        examples=examples,
+        items=items,
+        epochs=1,
+        seed=seed,
+        privacy=privacy,
+    )
+
+
 @pytest.mark.parametrize("k", [0, 1])
 def test_one_private_step_moves_every_adapter_and_no_backbone_tensor(tmp_path, k):
     cfg, model, items, bert = tiny_setup(k, batch_size=64)
@@ -29,15 +42,7 @@ def test_one_private_step_moves_every_adapter_and_no_backbone_tensor(tmp_path, k
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     bert_before = {n: p.detach().clone() for n, p in bert.named_parameters()}
     before = trainable_state(model)
-    result = train(
-        model=model,
-        cfg=cfg,
-        examples=ex,
-        items=items,
-        epochs=1,
-        seed=0,
-        privacy=settings(tmp_path / "ledger.json"),
-    )
+    result = step(model, cfg, ex, items, seed=0, privacy=settings(tmp_path / "ledger.json"))
     assert result.steps == 1
     after = trainable_state(model)
     unchanged = [n for n in before if np.array_equal(before[n], after[n])]
@@ -78,23 +83,14 @@ def test_spent_budget_declines_and_leaves_the_ledger_untouched(tmp_path):
     cfg, model, items, _ = tiny_setup(0)
     ex = tiny_examples()
     path = tmp_path / "ledger.json"
-    first = train(
-        model=model,
-        cfg=cfg,
-        examples=ex,
-        items=items,
-        epochs=1,
-        seed=0,
-        privacy=settings(path, target_epsilon=50.0),
-    )
+    first = step(model, cfg, ex, items, seed=0, privacy=settings(path, target_epsilon=50.0))
     spent = PrivacyLedger.load(path).history
     with pytest.raises(BudgetExceeded, match="privacy budget spent.*record-level.*delta"):
-        train(
-            model=model,
-            cfg=cfg,
-            examples=ex,
-            items=items,
-            epochs=1,
+        step(
+            model,
+            cfg,
+            ex,
+            items,
             seed=1,
             privacy=settings(path, target_epsilon=first.epsilon * 1.01),
         )
@@ -107,12 +103,11 @@ def test_calibrated_noise_spends_the_budget_over_the_planned_rounds(tmp_path):
     path = tmp_path / "ledger.json"
     eps = []
     for r in range(3):
-        res = train(
-            model=model,
-            cfg=cfg,
-            examples=ex,
-            items=items,
-            epochs=1,
+        res = step(
+            model,
+            cfg,
+            ex,
+            items,
             seed=r,
             privacy=settings(path, noise_multiplier=0.0, target_epsilon=4.0),
         )
@@ -120,12 +115,11 @@ def test_calibrated_noise_spends_the_budget_over_the_planned_rounds(tmp_path):
     assert eps[0] < eps[1] < eps[2] <= 4.0 * 1.001
     assert eps[2] == pytest.approx(4.0, rel=0.02)
     with pytest.raises(BudgetExceeded):
-        train(
-            model=model,
-            cfg=cfg,
-            examples=ex,
-            items=items,
-            epochs=1,
+        step(
+            model,
+            cfg,
+            ex,
+            items,
             seed=9,
             privacy=settings(path, noise_multiplier=0.0, target_epsilon=4.0),
         )
