@@ -256,22 +256,39 @@ def write_results(rows: list[dict], results_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedrec-benchmark", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="fedrec-benchmark",
+        description=__doc__.split("\n\n")[0],
+        epilog="Rows: popularity, central-k0, central-k1 and every simulations/configs/"
+        "bench-fed*.toml scenario. Takes about an hour on a 2-core CPU.",
+    )
     parser.add_argument(
         "--only",
         nargs="*",
         default=None,
         help="row names to (re)run; other rows are kept from the results file",
     )
-    parser.add_argument("--central-epochs", type=int, default=5)
+    parser.add_argument(
+        "--central-epochs",
+        type=int,
+        default=5,
+        help="epochs of the central rows; the best on validation is tested (default: 5)",
+    )
     parser.add_argument(
         "--central-k1-budget-s",
         type=float,
         default=300.0,
         help="wall-clock budget of the k=1 central row (it is ~50x costlier)",
     )
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--outputs", type=Path, default=ROOT / "outputs" / "benchmark")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help=f"where results go (default: {RESULTS})"
+    )
+    parser.add_argument(
+        "--outputs",
+        type=Path,
+        default=ROOT / "outputs" / "benchmark",
+        help="where the federated runs write their models and logs",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
 
