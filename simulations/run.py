@@ -347,6 +347,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "RAY_USAGE_STATS_ENABLED": "0",
             "PYTHONUNBUFFERED": "1",
+            # The SuperLink starts `flower-superexec` (and it `flwr-simulation`) by name:
+            # put this Python's scripts first, so a venv works without being activated.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         }
     )
     return env

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -375,3 +376,12 @@ def test_flwr_config_toml_names_our_connection(tmp_path: Path) -> None:
     data = tomllib.loads(path.read_text())
     assert data["superlink"]["default"] == run.CONNECTION
     assert data["superlink"][run.CONNECTION] == {"address": "127.0.0.1:1234", "insecure": True}
+
+
+def test_flower_processes_find_this_venvs_scripts_without_activation(tmp_path: Path) -> None:
+    import sys
+
+    env = run.flower_env(tmp_path / "home")
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert env["FLWR_HOME"] == str(tmp_path / "home")
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
