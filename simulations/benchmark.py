@@ -216,8 +216,8 @@ def markdown_table(rows: list[dict]) -> str:
     """The results table, as the README shows it."""
     lines = [
         "| model | federated | DP (record-level ε, δ) | k | rounds | HR@10 | NDCG@10 | MRR@10 "
-        "| s/round | s/client update | bytes/client/round | wall |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| s/round | s/client update | bytes/client/round | peak RSS MB | wall |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         dp = (
@@ -232,27 +232,35 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {_fmt(r.get('seconds_per_round'), '{:.1f}')} "
             f"| {_fmt(r.get('seconds_per_client_update'), '{:.2f}')} "
             f"| {_fmt(r.get('bytes_per_client_per_round'), '{:,.0f}')} "
+            f"| {_peak(r)} "
             f"| {_fmt(r.get('wall_s'), '{:.0f} s')} |"
         )
     return "\n".join(lines)
+
+
+def _peak(row: dict) -> str:
+    """Peak resident memory: the process for central rows, client / server for federated."""
+    if row.get("client_peak_rss_mb"):
+        return f"{row['client_peak_rss_mb']:.0f} / {row['server_peak_rss_mb']:.0f}"
+    return _fmt(row.get("peak_rss_mb"), "{:.0f}")
 
 
 def _fmt(value, pattern: str) -> str:
     return "—" if value is None else pattern.format(value)
 
 
-def write_results(rows: list[dict], results_dir: Path) -> None:
+def write_results(rows: list[dict], results_dir: Path, readme: Path = README) -> None:
     """The JSON rows, the markdown table and the README's results block."""
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / QUALITY_FILE).write_text(json.dumps(rows, indent=2) + "\n")
     table = markdown_table(rows)
     (results_dir / "quality_ml100k.md").write_text(table + "\n")
-    if README.exists():
-        text = README.read_text()
+    if readme.exists():
+        text = readme.read_text()
         if MARK_BEGIN in text and MARK_END in text:
             head, rest = text.split(MARK_BEGIN, 1)
             _, tail = rest.split(MARK_END, 1)
-            README.write_text(f"{head}{MARK_BEGIN}\n{table}\n{MARK_END}{tail}")
+            readme.write_text(f"{head}{MARK_BEGIN}\n{table}\n{MARK_END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         help="wall-clock budget of the k=1 central row (it is ~50x costlier)",
     )
     parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="rewrite the markdown table and README block from the results file; run nothing",
+    )
+    parser.add_argument(
         "--results", type=Path, default=RESULTS, help=f"where results go (default: {RESULTS})"
     )
     parser.add_argument(
@@ -294,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
 
     path = args.results / QUALITY_FILE
     rows = {r["name"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+
+    if args.table_only:
+        write_results(list(rows.values()), args.results)
+        print(markdown_table(list(rows.values())))
+        return 0
 
     def wanted(name: str) -> bool:
         return args.only is None or name in args.only
