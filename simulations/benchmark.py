@@ -129,12 +129,36 @@ def _left(start: float, budget: float | None) -> float | None:
     return None if budget is None else max(budget - (time.perf_counter() - start), 1.0)
 
 
-def federated_row(scenario: Path, *, output_root: Path) -> dict:
-    """Run a scenario through simulations/run.py (real SuperLink) and read its final round."""
+def federated_row(scenario: Path, *, output_root: Path, reuse: bool = False) -> dict:
+    """Run a scenario through simulations/run.py (real SuperLink) and read its final round.
+
+    With `reuse`, a completed run already in the output directory whose last round is the
+    scenario's last round is read instead of run again (e.g. one extended with resume=true).
+    """
     with open(scenario, "rb") as fh:
         spec = tomllib.load(fh)
     name = spec.get("scenario", {}).get("name", scenario.stem)
     out = output_root / name
+    cfg = Config().merged(spec.get("run", {}))
+    if reuse and _completed_rounds(out) == cfg.num_server_rounds:
+        print(f"\n== {name}: reusing the completed run in {out}", flush=True)
+    else:
+        _run_scenario(scenario, out)
+    return _read_federated(spec, out, name=name, cfg=cfg)
+
+
+def _completed_rounds(out: Path) -> int | None:
+    try:
+        results = json.loads((out / "results.json").read_text())
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    except (OSError, ValueError):
+        return None
+    if results.get("status") != "finished:completed" or not rows:
+        return None
+    return rows[-1].get("round")
+
+
+def _run_scenario(scenario: Path, out: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
@@ -145,13 +169,14 @@ def federated_row(scenario: Path, *, output_root: Path) -> dict:
         str(out),
         "--overwrite",
     ]
-    print(f"\n== {name}: {' '.join(cmd[1:])}", flush=True)
+    print(f"\n== {out.name}: {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def _read_federated(spec: dict, out: Path, *, name: str, cfg: Config) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = rows[-1]
     trained = [r for r in rows if r.get("round", 0) > 0]
-    results = json.loads((out / "results.json").read_text())
-    cfg = Config().merged(spec.get("run", {}))
     metrics = {k: final[f"test_{k}"] for k in ("hr@10", "ndcg@10", "mrr@10")}
     row = _row(
         name,
@@ -160,7 +185,8 @@ def federated_row(scenario: Path, *, output_root: Path) -> dict:
         rounds=final["round"],
         k=cfg.adapter_k,
         metrics=metrics,
-        wall_s=results.get("wall_s"),
+        # the server's time summed over all rounds (a resumed run's parts included)
+        wall_s=float(sum(r.get("round_s") or 0.0 for r in rows)),
     )
     row.update(
         clients=spec["federation"]["num-supernodes"],
@@ -289,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         help="wall-clock budget of the k=1 central row (it is ~50x costlier)",
     )
     parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read completed federated runs already in --outputs instead of running them",
+    )
+    parser.add_argument(
         "--table-only",
         action="store_true",
         help="rewrite the markdown table and README block from the results file; run nothing",
@@ -335,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for scenario in sorted(CONFIGS.glob("bench-fed*.toml")):
         name = tomllib.loads(scenario.read_text()).get("scenario", {}).get("name", scenario.stem)
-        jobs.append((name, lambda s=scenario: federated_row(s, output_root=args.outputs)))
+        jobs.append(
+            (name, lambda s=scenario: federated_row(s, output_root=args.outputs, reuse=args.reuse))
+        )
     for name, job in jobs:
         if not wanted(name):
             continue
