@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -129,7 +130,9 @@ def _left(start: float, budget: float | None) -> float | None:
     return None if budget is None else max(budget - (time.perf_counter() - start), 1.0)
 
 
-def federated_row(scenario: Path, *, output_root: Path, reuse: bool = False) -> dict:
+def federated_row(
+    scenario: Path, *, output_root: Path, results_dir: Path = RESULTS, reuse: bool = False
+) -> dict:
     """Run a scenario through simulations/run.py (real SuperLink) and read its final round.
 
     With `reuse`, a completed run already in the output directory whose last round is the
@@ -144,6 +147,10 @@ def federated_row(scenario: Path, *, output_root: Path, reuse: bool = False) -> 
         print(f"\n== {name}: reusing the completed run in {out}", flush=True)
     else:
         _run_scenario(scenario, out)
+    # the run's curves next to the results: per-round metrics and the plot
+    results_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "metrics.jsonl", results_dir / f"{name}.metrics.jsonl")
+    shutil.copyfile(out / "metrics.png", results_dir / f"{name}.png")
     return _read_federated(spec, out, name=name, cfg=cfg)
 
 
@@ -367,7 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     for scenario in sorted(CONFIGS.glob("bench-fed*.toml")):
         name = tomllib.loads(scenario.read_text()).get("scenario", {}).get("name", scenario.stem)
         jobs.append(
-            (name, lambda s=scenario: federated_row(s, output_root=args.outputs, reuse=args.reuse))
+            (
+                name,
+                lambda s=scenario: federated_row(
+                    s, output_root=args.outputs, results_dir=args.results, reuse=args.reuse
+                ),
+            )
         )
     for name, job in jobs:
         if not wanted(name):
