@@ -78,7 +78,7 @@ def run_federation(grid: Grid, cfg: Config) -> None:
     )
 
     # 5. After each round: central evaluation (simulation), checkpoint, metrics row
-    users = list(splits)
+    valid_cases, test_cases = eval_cases(list(splits), "valid"), eval_cases(list(splits), "test")
     start = time.perf_counter()
     last_end = [start]
     spent: dict[str, float] = {}
@@ -90,20 +90,17 @@ def run_federation(grid: Grid, cfg: Config) -> None:
         load_trainable_state(model, from_arrays(arrays))
         row: dict[str, object] = {"round": global_round}
         if cfg.central_eval:
-            metrics, _ = evaluate(
-                model=model, cfg=cfg, items=items, cases=eval_cases(users, "valid")
-            )
+            metrics, _ = evaluate(model=model, cfg=cfg, items=items, cases=valid_cases)
             row.update({f"val_{k}": v for k, v in metrics.items()})
             if server_round == remaining:  # test split read once, for the final model only
-                metrics, _ = evaluate(
-                    model=model, cfg=cfg, items=items, cases=eval_cases(users, "test")
-                )
+                metrics, _ = evaluate(model=model, cfg=cfg, items=items, cases=test_cases)
                 row.update({f"test_{k}": v for k, v in metrics.items()})
         stats = strategy.stats.get(server_round)
         if stats is not None:
             row.update(_stats_row(stats, cfg))
-            if stats.epsilons:
-                spent.update(row_epsilon(row))
+            if stats.epsilons:  # the largest over every round so far; the newest mean
+                spent["epsilon_max"] = max(spent.get("epsilon_max", 0.0), row["epsilon_max"])
+                spent["epsilon_mean"] = row["epsilon_mean"]
         row["server_peak_rss_mb"] = peak_rss_mb()
         now = time.perf_counter()
         row["elapsed_s"] = now - start
@@ -123,7 +120,7 @@ def run_federation(grid: Grid, cfg: Config) -> None:
         grid=grid,
         initial_arrays=to_arrays(trainable_state(model)),
         num_rounds=remaining,
-        train_config=ConfigRecord({"split": "valid"}),
+        train_config=ConfigRecord(),
         evaluate_config=ConfigRecord({"split": "valid"}),
         evaluate_fn=after_round if not done else _skip_round_zero(after_round),
     )
@@ -176,11 +173,6 @@ def _stats_row(stats, cfg: Config) -> dict[str, object]:
             }
         )
     return row
-
-
-def row_epsilon(row: dict[str, object]) -> dict[str, float]:
-    """The epsilon fields of a metrics row."""
-    return {k: float(row[k]) for k in ("epsilon_max", "epsilon_mean") if k in row}
 
 
 def _privacy(cfg: Config, spent: dict[str, float]) -> dict[str, object]:

@@ -114,3 +114,11 @@ def test_private_federation_reports_cumulative_epsilon(tmp_path, tiny_world):
         "cumulative",
     )
     assert rows[2]["dp_delta"] == cfg.dp_delta
+    _, meta = load_model_dir(cfg.output_path / "models" / "final")
+    privacy = meta["privacy"]
+    assert privacy["epsilon"] == max(r["epsilon_max"] for r in rows.values() if r["round"])
+    assert (privacy["delta"], privacy["unit"], privacy["composition"]) == (
+        cfg.dp_delta,
+        "record",
+        "cumulative",
+    )
