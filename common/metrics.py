@@ -1,9 +1,12 @@
-"""Full-ranking metrics (HR@K, NDCG@K, MRR@K) in numpy."""
+"""Full-ranking metrics (HR@K, NDCG@K, MRR@K) in numpy, and reading metrics rows."""
 
 from __future__ import annotations
 
+import json
+import math
 import resource
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -39,3 +42,21 @@ def ranking_metrics(ranks: np.ndarray, k: int = 10) -> dict[str, float]:
         f"ndcg@{k}": float(np.where(hit, 1.0 / np.log2(ranks + 1.0), 0.0).mean()),
         f"mrr@{k}": float(np.where(hit, 1.0 / ranks, 0.0).mean()),
     }
+
+
+def finite_number(value: Any) -> float | None:
+    """A finite float, or None for missing, null, non-numeric, NaN and infinite values."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def parse_metrics_line(line: str, *, where: str = "metrics line") -> dict[str, Any]:
+    """One metrics.jsonl line as a dict; a line that is not a JSON object raises ValueError."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} is not valid JSON ({exc.msg}): {line[:80]!r}") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(row).__name__}.")
+    return row

@@ -25,6 +25,9 @@ from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from common.metrics import finite_number as number
+from common.metrics import parse_metrics_line
+
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -56,33 +59,22 @@ ROUND_COLUMNS = (
 # --- reading ------------------------------------------------------------------------------
 
 
-def parse_metrics_line(line: str, *, where: str = "metrics line") -> dict[str, Any]:
-    """One metrics.jsonl line as a dict; a line that is not a JSON object raises ValueError."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where} is not valid JSON ({exc.msg}): {line[:80]!r}") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"{where} must be a JSON object, got {type(row).__name__}.")
-    return row
-
-
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All rows of a metrics.jsonl file; an unfinished last line (no newline yet) is skipped."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     lines = text.split("\n")
     rows = []
-    for number, line in enumerate(lines, start=1):
+    for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        is_unfinished = number == len(lines)  # text did not end with a newline
+        is_unfinished = line_number == len(lines)  # text did not end with a newline
         try:
-            rows.append(parse_metrics_line(line, where=f"{path}, line {number},"))
+            rows.append(parse_metrics_line(line, where=f"{path}, line {line_number},"))
         except ValueError:
             if not is_unfinished:
                 raise
-            warnings.warn(f"{path}: skipping the unfinished last line {number}.", stacklevel=2)
+            warnings.warn(f"{path}: skipping the unfinished last line {line_number}.", stacklevel=2)
     return rows
 
 
@@ -101,13 +93,6 @@ def rounds_of(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def final_row(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The row of the last round, or None when no round was logged."""
     return dict(rounds[-1]) if rounds else None
-
-
-def number(value: Any) -> float | None:
-    """A finite float, or None for missing, null, non-numeric, NaN and infinite values."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def ranking_keys(rounds: Sequence[Mapping[str, Any]]) -> list[str]:

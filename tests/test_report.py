@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from flwr.common.config import parse_config_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from common import runtime
 from simulations import report, run
 
 # Round 0 is the initial evaluation; round 1 has a null and a missing metric; round 2 is last.
@@ -268,15 +270,15 @@ def test_missing_scenario_file(tmp_path: Path) -> None:
 
 def test_run_config_is_checked_against_the_app_defaults() -> None:
     defaults = {"num-server-rounds": 10, "learning-rate": 0.001, "dataset": "ml-100k"}
-    checked = run.check_run_config({"num-server-rounds": 2, "learning-rate": 1}, defaults)
+    checked = runtime.check_run_config({"num-server-rounds": 2, "learning-rate": 1}, defaults)
     assert checked == {"num-server-rounds": 2, "learning-rate": 1.0}
     assert isinstance(checked["learning-rate"], float)
     with pytest.raises(run.ScenarioError, match="Unknown run-config key 'rounds'"):
-        run.check_run_config({"rounds": 2}, defaults)
+        runtime.check_run_config({"rounds": 2}, defaults)
     with pytest.raises(run.ScenarioError, match="num-server-rounds must be a int"):
-        run.check_run_config({"num-server-rounds": 2.5}, defaults)
+        runtime.check_run_config({"num-server-rounds": 2.5}, defaults)
     with pytest.raises(run.ScenarioError, match="dataset must be a str"):
-        run.check_run_config({"dataset": 1}, defaults)
+        runtime.check_run_config({"dataset": 1}, defaults)
 
 
 def test_run_config_string_quotes_strings_and_lowercases_bools() -> None:
@@ -289,27 +291,27 @@ def test_run_config_string_quotes_strings_and_lowercases_bools() -> None:
         "dp-delta": 1e-5,
         "learning-rate": 0.001,
     }
-    text = run.to_config_string(values)
+    text = runtime.to_config_string(values)
     assert "dataset='path'" in text
     assert "dp-enabled=true" in text and "resume=false" in text
     assert "num-server-rounds=3" in text and "dp-delta=1e-05" in text
     # the reference: Flower's own parser reads back exactly the values
     assert parse_config_args([text]) == values
-    assert run.parse_config_string(text) == values
+    assert runtime.parse_config_string(text) == values
 
 
 def test_strings_with_quotes_still_round_trip_through_flower() -> None:
     values = {"a": "it's", "b": 'say "hi"', "c": "back\\slash"}
-    assert parse_config_args([run.to_config_string(values)]) == values
+    assert parse_config_args([runtime.to_config_string(values)]) == values
     with pytest.raises(run.ScenarioError, match="both kinds of quote"):
-        run.format_toml_value('it\'s "both"')
+        runtime.format_toml_value('it\'s "both"')
 
 
 def test_parse_config_string_rejects_garbage() -> None:
     with pytest.raises(run.ScenarioError, match="key=value"):
-        run.parse_config_string("num-server-rounds 3")
+        runtime.parse_config_string("num-server-rounds 3")
     with pytest.raises(run.ScenarioError, match="not valid"):
-        run.parse_config_string("dataset=ml-100k")  # an unquoted string
+        runtime.parse_config_string("dataset=ml-100k")  # an unquoted string
 
 
 def test_shipped_scenarios_are_valid_for_the_app() -> None:
@@ -317,7 +319,7 @@ def test_shipped_scenarios_are_valid_for_the_app() -> None:
     configs = run.PROJECT_DIR / "simulations" / "configs"
     for path in [configs / "demo.toml", *sorted(configs.glob("bench-fed*.toml"))]:
         scenario = run.load_scenario(path)
-        overrides = run.check_run_config(scenario.run, defaults)
+        overrides = runtime.check_run_config(scenario.run, defaults)
         run.check_app_config(run.PROJECT_DIR, {**defaults, **overrides})
     demo = run.load_scenario(run.PROJECT_DIR / "simulations" / "configs" / "demo.toml")
     assert demo.run["partition"] == "user" and demo.run["dp-enabled"] is True
@@ -326,27 +328,28 @@ def test_shipped_scenarios_are_valid_for_the_app() -> None:
 
 def test_output_dir_inside_the_project_must_be_ignored(tmp_path: Path) -> None:
     (tmp_path / ".gitignore").write_text("outputs/\n")
-    run.check_output_dir(tmp_path / "outputs" / "demo", tmp_path)
-    run.check_output_dir(tmp_path.parent / "elsewhere", tmp_path)
+    runtime.check_output_dir(tmp_path / "outputs" / "demo", tmp_path)
+    runtime.check_output_dir(tmp_path.parent / "elsewhere", tmp_path)
     with pytest.raises(run.ScenarioError, match="app bundle"):
-        run.check_output_dir(tmp_path / "results", tmp_path)
+        runtime.check_output_dir(tmp_path / "results", tmp_path)
 
 
 def test_an_old_run_is_not_mixed_into_a_new_one(tmp_path: Path) -> None:
     write_metrics(tmp_path)
+    prepare = functools.partial(runtime.prepare_output_dir, tmp_path, artifacts=run.RUN_ARTIFACTS)
     with pytest.raises(run.ScenarioError, match="--overwrite"):
-        run.prepare_output_dir(tmp_path, resume=False, overwrite=False)
-    run.prepare_output_dir(tmp_path, resume=True, overwrite=False)  # resume appends
+        prepare(resume=False, overwrite=False)
+    prepare(resume=True, overwrite=False)  # resume appends
     assert (tmp_path / report.METRICS_FILE).exists()
     (tmp_path / "keep.txt").write_text("not a run artifact")
-    run.prepare_output_dir(tmp_path, resume=False, overwrite=True)
+    prepare(resume=False, overwrite=True)
     assert not (tmp_path / report.METRICS_FILE).exists()
     assert (tmp_path / "keep.txt").exists()
 
 
 def test_metrics_tail_returns_whole_new_lines_only(tmp_path: Path) -> None:
     path = tmp_path / report.METRICS_FILE
-    tail = run.MetricsTail(path)
+    tail = runtime.MetricsTail(path)
     assert tail.poll() == []
     path.write_text('{"round": 1}\n{"round": 2')
     assert tail.poll() == [{"round": 1}]
@@ -357,22 +360,22 @@ def test_metrics_tail_returns_whole_new_lines_only(tmp_path: Path) -> None:
 
 
 def test_progress_line_prefers_val_hr_and_shows_both_ndcgs() -> None:
-    line = run.progress_line(ROWS[2], total_rounds=2, wall_s=99.0)
+    line = runtime.progress_line(ROWS[2], total_rounds=2, wall_s=99.0)
     assert line.startswith("round 2/2 | clients 3 (1 declined)")
     assert "loss 3.5000" in line
     assert "HR@10 val 0.2500" in line
     assert "NDCG@10 fed 0.0900 val 0.1250 test 0.1000" in line
     assert "eps 1.500" in line and line.endswith("20.0 s")
-    bare = run.progress_line({"round": 0}, total_rounds=None, wall_s=3.0)
+    bare = runtime.progress_line({"round": 0}, total_rounds=None, wall_s=3.0)
     assert bare == "round 0 | 3.0 s"
-    header = run.progress_header(ROWS[1], {"dp-enabled": True})
+    header = runtime.progress_header(ROWS[1], {"dp-enabled": True})
     assert all(t in header for t in ("record-level", "delta=1e-05", "rdp", "cumulative"))
 
 
 def test_flwr_config_toml_names_our_connection(tmp_path: Path) -> None:
     import tomllib
 
-    path = run.write_flwr_config(tmp_path, "127.0.0.1:1234")
+    path = runtime.write_flwr_config(tmp_path, connection=run.CONNECTION, address="127.0.0.1:1234")
     data = tomllib.loads(path.read_text())
     assert data["superlink"]["default"] == run.CONNECTION
     assert data["superlink"][run.CONNECTION] == {"address": "127.0.0.1:1234", "insecure": True}
@@ -381,7 +384,7 @@ def test_flwr_config_toml_names_our_connection(tmp_path: Path) -> None:
 def test_flower_processes_find_this_venvs_scripts_without_activation(tmp_path: Path) -> None:
     import sys
 
-    env = run.flower_env(tmp_path / "home")
+    env = runtime.flower_env(tmp_path / "home")
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     assert env["FLWR_HOME"] == str(tmp_path / "home")
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from common import runtime
 from simulations import report, run
 from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
 
@@ -128,11 +129,11 @@ def test_real_app_runs_to_completion_and_reports(tmp_path: Path, output: Path) -
     scenario = run.load_scenario(tiny_scenario(tmp_path))
     printed = io.StringIO()
     outcome = run.run_scenario(
-        scenario, output=output, port=run.free_port(), poll_s=2.0, timeout_s=900, out=printed
+        scenario, output=output, port=runtime.free_port(), poll_s=2.0, timeout_s=900, out=printed
     )
     text = printed.getvalue()
 
-    assert outcome.status == run.COMPLETED, text + run.tail(output / "run.log", 80)
+    assert outcome.status == runtime.COMPLETED, text + runtime.tail(output / "run.log", 80)
     rows = report.read_metrics(output / report.METRICS_FILE)
     assert sorted({row["round"] for row in rows if row["round"] > 0}) == [1, 2]
     assert "round 1/2" in text and "round 2/2" in text
@@ -140,7 +141,7 @@ def test_real_app_runs_to_completion_and_reports(tmp_path: Path, output: Path) -
         assert (output / name).stat().st_size > 0, name
     assert list((output / report.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
     results = json.loads((output / report.RESULTS_FILE).read_text())
-    assert results["status"] == run.COMPLETED
+    assert results["status"] == runtime.COMPLETED
     assert results["run_id"] == outcome.run_id
     assert results["final"]["round"] == 2
     assert "delta" in results["privacy"]["statement"]
