@@ -1,17 +1,31 @@
-"""The Flower ClientApp: local (private) adapter training and full-ranking evaluation."""
+"""The Flower ClientApp: local (private) adapter training, evaluation and model installs.
+
+A node is either a simulated client, which takes its users from the shared dataset by
+`partition-id`, or a device (fedrec-client join), which reads its own files:
+
+    --node-config "data-path='/data/me.csv' catalog-path='/data/items.csv' state-dir='/var/fedrec'"
+
+A device's state directory holds its privacy ledger, the frozen-backbone cache of the catalog
+(`cache/`) and the installed global model (`models/`). In deployment every message starts a
+fresh ClientApp process, so everything expensive comes from there, not from memory.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+import psutil
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.installed import install
 from common.config import Config
-from common.data import UserSplit
+from common.data import Catalog, UserSplit
 from common.metrics import peak_rss_mb
 from common.privacy import BudgetExceeded, PrivacyLedger
 from common.task import (
@@ -19,6 +33,7 @@ from common.task import (
     eval_cases,
     item_states,
     load_data,
+    load_device_data,
     partition_of,
     train_examples,
 )
@@ -28,6 +43,15 @@ from common.weights import from_arrays, load_trainable_state, to_arrays, trainab
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "privacy-ledger.json"
+CACHE_DIR = "cache"
+# node-config keys of a device (fedrec-client join writes them)
+DATA_PATH = "data-path"
+CATALOG_PATH = "catalog-path"
+DATA_FORMAT = "data-format"
+STATE_DIR = "state-dir"
+BACKBONE = "backbone"
+# what the server sends along
+CATALOG_SHA256 = "catalog-sha256"
 
 
 def create_app(base: Config | None = None) -> ClientApp:
@@ -43,43 +67,88 @@ def create_app(base: Config | None = None) -> ClientApp:
     def _evaluate(msg: Message, context: Context) -> Message:
         return evaluate_handler(msg, context, base)
 
+    @app.query("install")
+    def _install(msg: Message, context: Context) -> Message:
+        return install_handler(msg, context, base)
+
     return app
 
 
-def _node(context: Context, base: Config) -> tuple[Config, list[UserSplit], Path, int]:
-    """Config, this node's users, its state directory and its partition id."""
+@dataclass(frozen=True)
+class Node:
+    """What this node trains on and where it keeps its state."""
+
+    cfg: Config  # the run config, with this device's cache and backbone paths
+    catalog: Catalog
+    users: list[UserSplit]
+    state_dir: Path
+    name: str  # for logs: "partition 3" or "node 8301..."
+    seed: int  # distinct per node
+
+
+def node_of(context: Context, base: Config, msg: Message | None = None) -> Node:
+    """This node's config, catalog, users and state directory (see the module docstring)."""
     cfg = base.merged(context.run_config)
-    partition_id = int(context.node_config.get("partition-id", 0))
-    _, splits = load_data(cfg)
-    users = partition_of(cfg, splits, partition_id)
-    state_dir = context.node_config.get("state-dir")
-    state = Path(state_dir) if state_dir else cfg.output_path / "clients" / f"{partition_id:05d}"
-    return cfg, users, state, partition_id
+    node_config = context.node_config
+    if DATA_PATH not in node_config:  # a simulated client: a partition of the shared data
+        partition_id = int(node_config.get("partition-id", 0))
+        dataset, splits = load_data(cfg)
+        state_dir = node_config.get(STATE_DIR)
+        default = cfg.output_path / "clients" / f"{partition_id:05d}"
+        state = Path(str(state_dir)) if state_dir else default
+        users = partition_of(cfg, splits, partition_id)
+        return Node(cfg, dataset.catalog, users, state, f"partition {partition_id}", partition_id)
+
+    if STATE_DIR not in node_config:
+        raise ValueError(f"A device needs '{STATE_DIR}' in its node config (fedrec-client join).")
+    state = Path(str(node_config[STATE_DIR]))
+    cfg = cfg.replace(
+        cache_dir=str(state / CACHE_DIR),
+        backbone=str(node_config.get(BACKBONE, cfg.backbone)),
+    )
+    data_path = str(node_config[DATA_PATH])
+    catalog, splits = load_device_data(
+        data_path=data_path,
+        catalog_path=str(node_config.get(CATALOG_PATH, data_path)),
+        data_format=str(node_config.get(DATA_FORMAT, "auto")),
+    )
+    if msg is not None:
+        expected = msg.content["config"].get(CATALOG_SHA256) if "config" in msg.content else None
+        if expected and expected != catalog.fingerprint():
+            raise ValueError(
+                f"This device's catalog ({node_config.get(CATALOG_PATH, data_path)}, "
+                f"{len(catalog)} items) differs from the server's: install the catalog file "
+                "the server uses, so that item ids mean the same on both sides."
+            )
+    return Node(cfg, catalog, list(splits), state, f"node {context.node_id}", context.node_id)
 
 
-def _model(cfg: Config, msg: Message):
-    """The model with the global trainable tensors applied, and the catalog's item states."""
-    dataset, _ = load_data(cfg)
-    model = build_model(cfg, num_items=len(dataset.catalog))
+def _global_model(node: Node, msg: Message):
+    """The model with the global trainable tensors applied."""
+    model = build_model(node.cfg, num_items=len(node.catalog))
     load_trainable_state(model, from_arrays(msg.content["arrays"]))
-    return model, item_states(cfg, dataset)
+    return model
 
 
 def train_handler(msg: Message, context: Context, base: Config) -> Message:
     """Train the adapters on this node's interactions and reply with them."""
     start = time.perf_counter()
-    # 1. Config, this node's users and state directory
-    cfg, users, state_dir, partition_id = _node(context, base)
+    startup_s = time.time() - psutil.Process().create_time()  # a fresh process per message
+    # 1. Config, this node's data and its frozen item states (from the disk cache)
+    node = node_of(context, base, msg)
+    cfg = node.cfg
     server_round = int(msg.content["config"].get("server-round", 1))
+    examples = train_examples(cfg, node.users)
+    items = item_states(cfg, node.catalog)
+    loaded = time.perf_counter()
     # 2. Model with the global tensors
-    model, items = _model(cfg, msg)
-    # 3. Data: this node's training examples
-    examples = train_examples(cfg, users)
-    # 4. Train, privately when enabled
+    model = _global_model(node, msg)
+    built = time.perf_counter()
+    # 3. Train, privately when enabled
     privacy = None
     if cfg.dp_enabled:
         privacy = PrivacySettings(
-            ledger=PrivacyLedger.load(state_dir / LEDGER_FILE),
+            ledger=PrivacyLedger.load(node.state_dir / LEDGER_FILE),
             noise_multiplier=cfg.dp_noise_multiplier,
             max_grad_norm=cfg.dp_max_grad_norm,
             delta=cfg.dp_delta,
@@ -93,42 +162,60 @@ def train_handler(msg: Message, context: Context, base: Config) -> Message:
             examples=examples,
             items=items,
             epochs=cfg.local_epochs,
-            seed=cfg.seed + 100_003 * server_round + partition_id,
+            seed=cfg.seed + 100_003 * server_round + node.seed,
             privacy=privacy,
         )
     except BudgetExceeded as err:
-        log.warning("Partition %d declines round %d: %s", partition_id, server_round, err)
+        log.warning("%s declines round %d: %s", node.name, server_round, err)
         metrics = {"num-examples": 0, "declined": 1}
         if privacy is not None:
             metrics["epsilon"] = privacy.ledger.epsilon(cfg.dp_delta)
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    # 5. Reply: only the trainable tensors travel
+    # 4. Reply: only the trainable tensors travel
+    trained = time.perf_counter()
+    arrays = to_arrays(trainable_state(model))
     metrics = {
         "num-examples": result.num_examples,
         "declined": 0,
         "train-loss": result.loss if math.isfinite(result.loss) else 0.0,
         "steps": result.steps,
-        "train-s": result.seconds,
+        "startup-s": startup_s,
+        "cache-load-s": loaded - start,
+        "model-load-s": built - loaded,
+        "train-s": trained - built,
+        "reply-s": time.perf_counter() - trained,
         "update-s": time.perf_counter() - start,
         "peak-rss-mb": peak_rss_mb(),
     }
     if result.epsilon is not None:
         metrics["epsilon"] = result.epsilon
-    content = RecordDict(
-        {"arrays": to_arrays(trainable_state(model)), "metrics": MetricRecord(metrics)}
-    )
-    return Message(content=content, reply_to=msg)
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def evaluate_handler(msg: Message, context: Context, base: Config) -> Message:
     """Rank the whole catalog for this node's held-out items (seen items excluded)."""
-    cfg, users, _, _ = _node(context, base)
-    model, items = _model(cfg, msg)
+    node = node_of(context, base, msg)
+    model = _global_model(node, msg)
     split = str(msg.content["config"].get("split", "valid"))
-    cases = eval_cases(users, split)
-    metrics, _ = evaluate(model=model, cfg=cfg, items=items, cases=cases)
+    cases = eval_cases(node.users, split)
+    items = item_states(node.cfg, node.catalog)
+    metrics, _ = evaluate(model=model, cfg=node.cfg, items=items, cases=cases)
     reply = {"num-examples": len(cases), **{k: float(v) for k, v in metrics.items()}}
     return Message(RecordDict({"metrics": MetricRecord(reply)}), reply_to=msg)
+
+
+def install_handler(msg: Message, context: Context, base: Config) -> Message:
+    """Install the pushed global model in this node's state directory (atomically)."""
+    node = node_of(context, base, msg)
+    config = msg.content["config"]
+    metadata = json.loads(str(config["metadata"]))
+    model = _global_model(node, msg)  # checks every tensor's name and shape
+    path = install(node.state_dir, state=trainable_state(model), cfg=node.cfg, metadata=metadata)
+    log.info("%s installed model %s in %s", node.name, metadata.get("version"), path)
+    reply = ConfigRecord({"version": str(metadata.get("version")), "path": str(path)})
+    return Message(
+        RecordDict({"config": reply, "metrics": MetricRecord({"installed": 1})}), reply_to=msg
+    )
 
 
 app = create_app()

@@ -78,6 +78,22 @@ class Config:
         default=True, metadata=_doc("Simulation: also score every user on the server.")
     )
     resume: bool = field(default=False, metadata=_doc("Continue from output-dir's checkpoint."))
+    # --- deployment -----------------------------------------------------------------
+    min_nodes: int = field(
+        default=0,
+        metadata=_doc("Connected nodes needed to start a round (0 = one per data partition)."),
+    )
+    push_model: bool = field(
+        default=False,
+        metadata=_doc("Send the final global model to every connected node to install."),
+    )
+    push_every: int = field(
+        default=0,
+        metadata=_doc("With push-model, also push every N rounds (0 = the final model only)."),
+    )
+    round_timeout_s: float = field(
+        default=3600.0, metadata=_doc("Seconds to wait for replies in a round.")
+    )
     seed: int = field(default=42, metadata=_doc("Seed for sampling and initialisation."))
 
     def __post_init__(self) -> None:
@@ -98,6 +114,11 @@ class Config:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{key_of(name)} must be at least 1, got {getattr(self, name)}.")
+        for name in ("min_nodes", "push_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{key_of(name)} must be 0 or more, got {getattr(self, name)}.")
+        if self.round_timeout_s <= 0:
+            raise ValueError(f"round-timeout-s must be positive, got {self.round_timeout_s}.")
         if self.adapter_k < 0:
             raise ValueError(f"adapter-k must be 0 or more, got {self.adapter_k}.")
         if self.model_dim % self.user_heads:

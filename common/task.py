@@ -14,7 +14,16 @@ from transformers import AutoConfig
 
 from common.backbone import ItemStates, cached_item_states, load_backbone, resolve_backbone
 from common.config import Config
-from common.data import Dataset, UserSplit, load_dataset, partition_users, split_by_user
+from common.data import (
+    Catalog,
+    Dataset,
+    UserSplit,
+    load_catalog,
+    load_dataset,
+    load_interactions,
+    partition_users,
+    split_by_user,
+)
 from common.model import Recommender
 from common.train import EvalCase, Examples, build_examples
 
@@ -36,6 +45,29 @@ def load_data(cfg: Config) -> tuple[Dataset, tuple[UserSplit, ...]]:
     return _load(cfg.dataset, cfg.data_path, cfg.data_format, str(cfg.cache_path))
 
 
+@functools.lru_cache(maxsize=2)
+def _load_device(
+    data_path: str, catalog_path: str, data_format: str
+) -> tuple[Catalog, tuple[UserSplit, ...]]:
+    catalog = load_catalog(catalog_path, data_format=data_format)
+    interactions = load_interactions(data_path, catalog=catalog, data_format=data_format)
+    return catalog, tuple(split_by_user(interactions))
+
+
+def load_device_data(
+    *, data_path: str | Path, catalog_path: str | Path, data_format: str = "auto"
+) -> tuple[Catalog, tuple[UserSplit, ...]]:
+    """A device's catalog and its own users' splits, from its own files (cached per process)."""
+    return _load_device(str(data_path), str(catalog_path), data_format)
+
+
+def load_run_catalog(cfg: Config) -> Catalog:
+    """The run's catalog alone (a deployed server need not hold any user's interactions)."""
+    if cfg.dataset == "path":
+        return load_catalog(cfg.data_path, data_format=cfg.data_format)
+    return load_data(cfg)[0].catalog
+
+
 def partition_of(cfg: Config, splits: tuple[UserSplit, ...], partition_id: int) -> list[UserSplit]:
     """The users that simulated client `partition_id` holds."""
     parts = partition_users(
@@ -54,12 +86,12 @@ def num_partitions(cfg: Config, splits: tuple[UserSplit, ...]) -> int:
     return len(splits) if cfg.partition == "user" else cfg.num_partitions
 
 
-def item_states(cfg: Config, dataset: Dataset) -> ItemStates:
+def item_states(cfg: Config, catalog: Catalog) -> ItemStates:
     """Frozen backbone states of the catalog, from the disk cache."""
     return cached_item_states(
         load_backbone(cfg.backbone),
-        list(dataset.catalog.texts),
-        dataset.catalog.fingerprint(),
+        list(catalog.texts),
+        catalog.fingerprint(),
         k=cfg.adapter_k,
         max_tokens=cfg.max_tokens,
         cache_dir=cfg.cache_path,

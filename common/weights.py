@@ -5,6 +5,7 @@ Only trainable tensors ever leave a device: the frozen backbone never travels.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -75,6 +76,16 @@ def to_arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
 def from_arrays(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
     """Flower's ArrayRecord as the trainable state."""
     return OrderedDict((k, a.numpy()) for k, a in record.items())
+
+
+def model_digest(state: dict[str, np.ndarray]) -> str:
+    """sha256 (hex) of the trainable tensors: names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256(b"fedrec-state-v1")
+    for name in sorted(state):
+        value = np.ascontiguousarray(state[name])
+        digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def _is_lora(name: str) -> bool:

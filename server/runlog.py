@@ -11,6 +11,7 @@ from common.config import Config
 from common.weights import load_model_dir, save_model_dir
 
 METRICS_FILE = "metrics.jsonl"
+PUSH_FILE = "pushes.jsonl"  # one row per model push: version, nodes, installed, failed
 MODELS_DIR = "models"
 LATEST = "LATEST"  # text file naming the newest round directory
 
@@ -31,6 +32,11 @@ class RunLog:
         }
         with open(self.root / METRICS_FILE, "a") as fh:
             fh.write(json.dumps(clean, sort_keys=True) + "\n")
+
+    def append_push(self, row: dict[str, Any]) -> None:
+        """Record a model push."""
+        with open(self.root / PUSH_FILE, "a") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
 
     def save_round(self, round_: int, *, state, cfg: Config, metadata: dict[str, Any]) -> Path:
         """Checkpoint the global model of a round and point LATEST at it."""

@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from common.backbone import load_backbone
 from common.config import Config
 from common.metrics import peak_rss_mb
 from common.privacy import ACCOUNTANT, COMPOSITION, UNIT, guarantee
-from common.task import build_model, eval_cases, item_states, load_data, num_partitions
+from common.task import (
+    build_model,
+    eval_cases,
+    item_states,
+    load_data,
+    load_run_catalog,
+    num_partitions,
+)
 from common.train import evaluate
-from common.weights import from_arrays, load_trainable_state, to_arrays, trainable_state
+from common.weights import (
+    from_arrays,
+    load_trainable_state,
+    model_digest,
+    to_arrays,
+    trainable_state,
+)
 from server.runlog import RunLog
-from server.strategy import make_strategy
+from server.strategy import CLIENT_TIMES, make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -28,27 +43,35 @@ def create_app(base: Config | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, (base or Config()).merged(context.run_config))
+        run_federation(grid, (base or Config()).merged(context.run_config), run_id=context.run_id)
 
     return app
 
 
-def run_federation(grid: Grid, cfg: Config) -> None:
+def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
     """Run the federation described by the config."""
     # 1. Output directory
     runlog = RunLog(cfg.output_path)
 
-    # 2. Public data and the frozen item states (built here once, so clients find the cache)
-    dataset, splits = load_data(cfg)
-    items = item_states(cfg, dataset)
+    # 2. The catalog and its frozen item states (built here once, so simulated clients find
+    #    the cache); users' interactions only where the server needs them (central evaluation,
+    #    or one simulated client per partition)
+    splits: tuple = ()
+    if cfg.central_eval or cfg.min_nodes == 0:
+        dataset, splits = load_data(cfg)
+        catalog = dataset.catalog
+    else:
+        catalog = load_run_catalog(cfg)
+    items = item_states(cfg, catalog)
     backbone = load_backbone(cfg.backbone)
-    model = build_model(cfg, num_items=len(dataset.catalog))
+    model = build_model(cfg, num_items=len(catalog))
     identity = {
         "backbone": backbone.name,
         "backbone_sha256": backbone.digest,
-        "catalog_sha256": dataset.catalog.fingerprint(),
-        "catalog_items": len(dataset.catalog),
-        "dataset": dataset.name,
+        "catalog_sha256": catalog.fingerprint(),
+        "catalog_items": len(catalog),
+        "dataset": cfg.dataset if cfg.dataset != "path" else cfg.data_path,
+        "run_id": run_id,
     }
 
     # 3. Initial model, or the last checkpoint when resuming
@@ -63,8 +86,8 @@ def run_federation(grid: Grid, cfg: Config) -> None:
         log.info("All %d rounds are done already; nothing to run.", cfg.num_server_rounds)
         return
 
-    # 4. Strategy: every partition must be connected before round 1 (no under-sampling)
-    nodes = num_partitions(cfg, splits)
+    # 4. Strategy: min-nodes (deployment), else every partition, connected before round 1
+    nodes = cfg.min_nodes or num_partitions(cfg, splits)
     strategy = make_strategy(
         cfg.strategy,
         server_learning_rate=cfg.server_learning_rate,
@@ -79,6 +102,7 @@ def run_federation(grid: Grid, cfg: Config) -> None:
 
     # 5. After each round: central evaluation (simulation), checkpoint, metrics row
     valid_cases, test_cases = eval_cases(list(splits), "valid"), eval_cases(list(splits), "test")
+    sent = {"catalog-sha256": identity["catalog_sha256"]}  # a device checks its catalog
     start = time.perf_counter()
     last_end = [start]
     spent: dict[str, float] = {}
@@ -107,12 +131,19 @@ def run_federation(grid: Grid, cfg: Config) -> None:
         row["round_s"] = now - last_end[0]
         last_end[0] = now
         if server_round > 0:
-            runlog.save_round(
-                global_round,
-                state=trainable_state(model),
-                cfg=cfg,
-                metadata={**identity, "metrics": row, "privacy": _privacy(cfg, spent)},
-            )
+            state = trainable_state(model)
+            metadata = {
+                **identity,
+                "version": model_version(global_round, state),
+                "metrics": row,
+                "privacy": _privacy(cfg, spent),
+            }
+            runlog.save_round(global_round, state=state, cfg=cfg, metadata=metadata)
+            due = cfg.push_every and global_round % cfg.push_every == 0
+            if cfg.push_model and due and server_round < remaining:
+                push = push_model(grid, arrays, metadata, cfg.round_timeout_s)
+                runlog.append_push({"round": global_round, **push})
+                row["push_installed"] = len(push["installed"])
         runlog.append_metrics(row)
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float)})
 
@@ -120,19 +151,68 @@ def run_federation(grid: Grid, cfg: Config) -> None:
         grid=grid,
         initial_arrays=to_arrays(trainable_state(model)),
         num_rounds=remaining,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord({"split": "valid"}),
+        timeout=cfg.round_timeout_s,
+        train_config=ConfigRecord(sent),
+        evaluate_config=ConfigRecord({"split": "valid", **sent}),
         evaluate_fn=after_round if not done else _skip_round_zero(after_round),
     )
 
     # 6. The final model (unchanged when no client could train, e.g. every budget spent)
     load_trainable_state(model, from_arrays(latest[0]))
-    final = runlog.save_final(
-        state=trainable_state(model),
-        cfg=cfg,
-        metadata={**identity, "round": cfg.num_server_rounds, "privacy": _privacy(cfg, spent)},
-    )
-    log.info("Final model written to %s", final)
+    state = trainable_state(model)
+    metadata = {
+        **identity,
+        "round": cfg.num_server_rounds,
+        "version": model_version(cfg.num_server_rounds, state),
+        "privacy": _privacy(cfg, spent),
+    }
+    final = runlog.save_final(state=state, cfg=cfg, metadata=metadata)
+    log.info("Final model %s written to %s", metadata["version"], final)
+
+    # 7. Model push: every connected device installs the final model
+    if cfg.push_model:
+        push = push_model(grid, latest[0], metadata, cfg.round_timeout_s)
+        runlog.append_push({"round": cfg.num_server_rounds, **push})
+
+
+def model_version(round_: int, state: dict[str, np.ndarray]) -> str:
+    """A model's version: its round and the start of its tensors' digest ("r0005-3fa2...")."""
+    return f"r{round_:04d}-{model_digest(state)[:12]}"
+
+
+def push_model(
+    grid: Grid, arrays: ArrayRecord, metadata: dict[str, Any], timeout_s: float
+) -> dict[str, Any]:
+    """Send a global model to every connected node to install; who installed it and who not."""
+    nodes = sorted(grid.get_node_ids())
+    config = ConfigRecord({"metadata": json.dumps(metadata, default=str)})
+    messages = [
+        Message(
+            RecordDict({"arrays": arrays, "config": config}),
+            dst_node_id=node,
+            message_type="query.install",
+        )
+        for node in nodes
+    ]
+    installed, failed = [], {}
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            failed[node] = reply.error.reason
+        else:
+            installed.append(node)
+    for node in set(nodes) - set(installed) - set(failed):
+        failed[node] = f"no reply within {timeout_s:.0f} s"
+    version = metadata["version"]
+    log.info("Model %s installed on %d of %d nodes", version, len(installed), len(nodes))
+    for node, reason in sorted(failed.items()):
+        log.warning("Model %s was not installed on node %d: %s", version, node, reason)
+    return {
+        "version": version,
+        "nodes": nodes,
+        "installed": sorted(installed),
+        "failed": {str(k): v for k, v in sorted(failed.items())},
+    }
 
 
 app = create_app()
@@ -160,6 +240,11 @@ def _stats_row(stats, cfg: Config) -> dict[str, object]:
         row["client_peak_rss_mb"] = stats.client_peak_rss_mb
     if stats.update_seconds:
         row["client_update_s_mean"] = float(np.mean(stats.update_seconds))
+    for key in CLIENT_TIMES:  # where a client's update time went, averaged over clients
+        if values := stats.client_seconds.get(key):
+            row[f"client_{key.replace('-', '_')}"] = float(np.mean(values))
+    if stats.failed_nodes:
+        row["failed_nodes"] = list(stats.failed_nodes)
     row.update({f"fed_{k}": v for k, v in stats.evaluate.items() if k != "num-examples"})
     if stats.epsilons:
         row.update(

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 # Keys of the client's reply MetricRecord (see client/client_app.py).
 NUM_EXAMPLES = "num-examples"
 DECLINED = "declined"
+# Where a client's update time went (deployment: a fresh process per message)
+CLIENT_TIMES = ("startup-s", "cache-load-s", "model-load-s", "train-s", "reply-s")
 
 
 @dataclass
@@ -35,6 +37,8 @@ class RoundStats:
     train_loss: float | None = None
     epsilons: list[float] = field(default_factory=list)
     update_seconds: list[float] = field(default_factory=list)
+    client_seconds: dict[str, list[float]] = field(default_factory=dict)  # CLIENT_TIMES
+    failed_nodes: list[int] = field(default_factory=list)
     client_peak_rss_mb: float = 0.0
     bytes_down: int = 0
     bytes_up: int = 0
@@ -108,7 +112,14 @@ class ValidatedReplies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 stats.clients_failed += 1
-                log.warning("Round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                stats.failed_nodes.append(node)
+                log.warning(
+                    "Round %d: lost node %d (error %d: %s); the round goes on without it.",
+                    server_round,
+                    node,
+                    msg.error.code,
+                    msg.error.reason,
+                )
                 continue
             metrics = next(iter(msg.content.metric_records.values()), {})
             if metrics.get(DECLINED):
@@ -132,6 +143,8 @@ class ValidatedReplies:
             stats.bytes_up += array_bytes(next(iter(msg.content.array_records.values())))
             stats.epsilons.extend(_floats(metrics, "epsilon"))
             stats.update_seconds.extend(_floats(metrics, "update-s"))
+            for key in CLIENT_TIMES:
+                stats.client_seconds.setdefault(key, []).extend(_floats(metrics, key))
             stats.client_peak_rss_mb = max(
                 [stats.client_peak_rss_mb, *_floats(metrics, "peak-rss-mb")]
             )

@@ -70,7 +70,7 @@ def central_row(name: str, cfg: Config, *, epochs: int, time_budget_s: float | N
     """Train on every user's data at once; keep the epoch with the best validation NDCG@10."""
     start = time.perf_counter()
     dataset, splits = load_data(cfg)
-    items = item_states(cfg, dataset)
+    items = item_states(cfg, dataset.catalog)
     model = build_model(cfg, num_items=len(dataset.catalog))
     users = list(splits)
     examples = train_examples(cfg, users)

@@ -1,0 +1,220 @@
+"""fedrec-client: a device's side of a federation.
+
+    fedrec-client keygen --out keys --name phone-1         # a key pair; send phone-1.pub
+    fedrec-client join --superlink fedrec.example.org:8000 --root-certificates ca.crt \\
+        --key phone-1.key --data my-interactions.csv --catalog items.csv --state-dir state
+    fedrec-client status --state-dir state                 # installed model, privacy spent
+
+`join` checks the device's files first (a malformed row names its file and line), then runs a
+Flower SuperNode in the foreground until it is stopped (Ctrl-C or SIGTERM stop it and every
+ClientApp it started). The state directory keeps the privacy ledger, the frozen-backbone
+cache of the catalog and the installed model across rounds and restarts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from client.client_app import (
+    BACKBONE,
+    CACHE_DIR,
+    CATALOG_PATH,
+    DATA_FORMAT,
+    DATA_PATH,
+    LEDGER_FILE,
+    STATE_DIR,
+)
+from client.installed import installed_metadata
+from common import credentials
+from common.data import DataError
+from common.runtime import ConfigError, RunnerError, SuperNode, flower_env, tail
+
+# flower-supernode exits 1 and logs "Exit Code: 305" when the SuperLink refuses to activate it
+REFUSED = re.compile(r"Exit Code: 305\b")
+EXIT_REFUSED = 3
+
+
+def check_files(*, data: Path, catalog: Path, data_format: str) -> str:
+    """Load the device's files as the ClientApp will; a one-line description."""
+    from common.task import load_device_data  # torch-free, but not needed for keygen/status
+
+    catalog_items, splits = load_device_data(
+        data_path=data, catalog_path=catalog, data_format=data_format
+    )
+    interactions = sum(len(u.train) + (u.valid >= 0) + (u.test >= 0) for u in splits)
+    return (
+        f"{interactions} interactions of {len(splits)} user(s) in {data}; "
+        f"catalog {catalog} has {len(catalog_items)} items"
+    )
+
+
+def join(args: argparse.Namespace) -> int:
+    """Run a SuperNode for this device until it is stopped; its exit code."""
+    state = args.state_dir.expanduser().resolve()
+    data, catalog = args.data.expanduser().resolve(), args.catalog.expanduser().resolve()
+    for path, what in ((data, "--data"), (catalog, "--catalog")):
+        if not path.exists():
+            raise ConfigError(f"{what} {path} does not exist.")
+    if not args.insecure:
+        for path, what in ((args.root_certificates, "--root-certificates"), (args.key, "--key")):
+            if path is None or not path.exists():
+                raise ConfigError(f"{what} is required (and must exist) unless --insecure.")
+    print(check_files(data=data, catalog=catalog, data_format=args.data_format), flush=True)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    node_config = {
+        DATA_PATH: str(data),
+        CATALOG_PATH: str(catalog),
+        DATA_FORMAT: args.data_format,
+        STATE_DIR: str(state),
+    }
+    if args.backbone:
+        node_config[BACKBONE] = str(Path(args.backbone).expanduser().resolve())
+    log_path = state / "supernode.log"
+    node = SuperNode(
+        superlink=args.superlink,
+        env=flower_env(state / "flwr-home"),
+        log_path=log_path,
+        port=args.port,
+        node_config=node_config,
+        root_certificates=None if args.insecure else args.root_certificates.resolve(),
+        private_key=None if args.insecure else args.key.resolve(),
+        max_wait_s=args.max_wait_s,
+    )
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        node.start()
+        print(
+            f"SuperNode started (pid {node.pid}) for {args.superlink}; state {state}; "
+            f"log {log_path}. Ctrl-C stops it.",
+            flush=True,
+        )
+        while node.is_running():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("Stopping the SuperNode.", flush=True)
+        node.stop()
+        return 130
+    finally:
+        node.stop()
+    code = node.returncode
+    if code and REFUSED.search(log_path.read_text(encoding="utf-8", errors="replace")):
+        print(
+            "The server refused this device: its key is not registered or was revoked "
+            "(ask the operator to run `fedrec-server device add`), or the server cannot be "
+            f"reached at {args.superlink}.\n{tail(log_path, 12)}",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
+    print(f"The SuperNode exited with code {code}.\n{tail(log_path, 12)}", file=sys.stderr)
+    return 1 if code else 0
+
+
+def status(state_dir: Path) -> dict:
+    """What a device holds: installed model, privacy spent, cache and disk use."""
+    state_dir = state_dir.expanduser().resolve()
+    if not state_dir.is_dir():
+        raise ConfigError(f"{state_dir} is not a state directory.")
+    info: dict = {"state_dir": str(state_dir)}
+    meta = installed_metadata(state_dir)
+    info["model"] = (
+        None
+        if meta is None
+        else {k: meta.get(k) for k in ("version", "round", "run_id", "installed_at", "privacy")}
+    )
+    ledger = state_dir / LEDGER_FILE
+    info["privacy_ledger"] = json.loads(ledger.read_text()) if ledger.exists() else None
+    info["cache_bytes"] = _size(state_dir / CACHE_DIR)
+    info["disk_bytes"] = _size(state_dir)
+    return info
+
+
+def _size(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fedrec-client",
+        description="A device of a fedrec federation: keys, joining, what it holds.",
+        epilog=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    keygen = sub.add_parser("keygen", help="make this device's key pair (EC P-384)")
+    keygen.add_argument("--name", required=True, help="device name (file names NAME.key/.pub)")
+    keygen.add_argument("--out", type=Path, default=Path("."), help="directory (default: .)")
+
+    go = sub.add_parser("join", help="join a federation: run a SuperNode until stopped")
+    go.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the server")
+    go.add_argument("--root-certificates", type=Path, metavar="CA", help="the server's ca.crt")
+    go.add_argument("--key", type=Path, help="this device's private key (NAME.key)")
+    go.add_argument("--data", type=Path, required=True, help="this device's interactions file")
+    go.add_argument(
+        "--catalog",
+        type=Path,
+        required=True,
+        help="the item catalog (the same file the server uses)",
+    )
+    go.add_argument("--data-format", default="auto", help="auto | csv | atomic | ml-100k ...")
+    go.add_argument(
+        "--state-dir",
+        type=Path,
+        required=True,
+        help="privacy ledger, caches and installed model (kept across restarts)",
+    )
+    go.add_argument("--backbone", help="path of the backbone on this device (default: bundled)")
+    go.add_argument("--port", type=int, default=9094, help="local port of the SuperNode (9094)")
+    go.add_argument(
+        "--max-wait-s",
+        type=float,
+        help="give up when the server stays unreachable this long (default: retry forever)",
+    )
+    go.add_argument("--insecure", action="store_true", help="no TLS, no key: local tests only")
+
+    show = sub.add_parser("status", help="installed model version, privacy spent, disk use")
+    show.add_argument("--state-dir", type=Path, required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `fedrec-client` command."""
+    args = parse_args(argv)
+    try:
+        if args.command == "keygen":
+            private, public = credentials.create_device_key(args.out, args.name)
+            print(f"Private key {private} (keep it on this device); public key {public}.")
+            print(
+                "Send the public key to the server's operator: fedrec-server device add "
+                f"{args.name} --public-key {public.name}"
+            )
+            return 0
+        if args.command == "status":
+            print(json.dumps(status(args.state_dir), indent=2, default=str))
+            return 0
+        return join(args)
+    except (ConfigError, DataError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RunnerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())

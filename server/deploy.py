@@ -1,0 +1,487 @@
+"""fedrec-server: the aggregation server of a real federation, on Flower's SuperLink.
+
+The server's home directory holds everything that outlives a run:
+
+    HOME/certs/        ca.crt, ca.key, server.crt, server.key   (fedrec-server init)
+    HOME/devices/      NAME.pub (and NAME.key when the server made the key pair)
+    HOME/devices.json  the device registry: key fingerprint, node id, active or revoked
+    HOME/superlink.db  the SuperLink's state (registered nodes, runs), kept across restarts
+    HOME/flwr-home/    FLWR_HOME of the `flwr` CLI: one connection to our SuperLink
+    HOME/superlink.json  while `run` goes: the SuperLink's address and pid
+
+`run` starts the SuperLink with TLS and SuperNode authentication (`--insecure` for local
+experiments only), registers active devices and unregisters revoked ones, submits the fedrec
+app with the given run config, prints a line per round, and exits 0 only when the run finished
+`completed`. The ServerApp writes the global model of every round, the final model, the
+metrics and the model pushes to the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from common import credentials
+from common.config import Config
+from common.runtime import (
+    COMPLETED,
+    METRICS_FILE,
+    ConfigError,
+    FlowerCli,
+    MetricsTail,
+    RunnerError,
+    SuperLink,
+    Tls,
+    app_defaults,
+    check_output_dir,
+    check_run_config,
+    end_process,
+    flatten,
+    flower_env,
+    follow_run,
+    parse_config_string,
+    prepare_output_dir,
+    save_run_log,
+    strip_colours,
+    tail,
+    to_config_string,
+    uninterrupted,
+    write_flwr_config,
+)
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "fedrec"
+REGISTRY = "devices.json"
+DEFAULT_PORT = 8000
+RUN_ARTIFACTS = (METRICS_FILE, "pushes.jsonl", "models", "run.log", "server.log")
+# A deployed run has no simulated partitions: these differ from the simulation defaults
+DEPLOYMENT_DEFAULTS = {"min-nodes": 2, "central-eval": False, "push-model": True}
+
+
+class DeviceError(ValueError):
+    """A device name, key or registry entry that cannot be used."""
+
+
+# --- the server's home --------------------------------------------------------------------
+
+
+class ServerHome:
+    """Paths and the device registry of one server."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).expanduser().resolve()
+        self.certs = self.root / "certs"
+        self.devices = self.root / "devices"
+        self.registry_path = self.root / REGISTRY
+        self.database = self.root / "superlink.db"
+        self.flwr_home = self.root / "flwr-home"
+        self.live = self.root / "superlink.json"
+
+    def tls(self) -> Tls:
+        files = Tls(
+            ca_cert=self.certs / credentials.CA_CERT,
+            cert=self.certs / credentials.SERVER_CERT,
+            key=self.certs / credentials.SERVER_KEY,
+        )
+        missing = [str(p) for p in (files.ca_cert, files.cert, files.key) if not p.exists()]
+        if missing:
+            raise ConfigError(
+                f"Missing {', '.join(missing)}: run `fedrec-server init --home {self.root} "
+                "--host <the server's host name or IP>` first (or pass --insecure)."
+            )
+        return files
+
+    def registry(self) -> dict[str, dict[str, Any]]:
+        if not self.registry_path.exists():
+            return {}
+        return json.loads(self.registry_path.read_text(encoding="utf-8"))
+
+    def save_registry(self, registry: Mapping[str, Any]) -> None:
+        tmp = self.registry_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, self.registry_path)
+
+    def live_superlink(self) -> dict[str, Any] | None:
+        """The address of a SuperLink that `run` keeps going now, or None."""
+        if not self.live.exists():
+            return None
+        info = json.loads(self.live.read_text(encoding="utf-8"))
+        try:
+            os.kill(int(info["pid"]), 0)
+        except (ProcessLookupError, PermissionError, ValueError, KeyError):
+            return None
+        return info
+
+
+def init_home(home: ServerHome, *, hosts: Sequence[str], force: bool = False) -> None:
+    """Create the CA and the server certificate for these host names / IP addresses."""
+    if (home.certs / credentials.CA_CERT).exists() and not force:
+        raise ConfigError(
+            f"{home.certs} already holds a CA: devices trust it. Pass --force to replace it "
+            "(every device then needs the new ca.crt)."
+        )
+    home.certs.mkdir(parents=True, exist_ok=True)
+    home.devices.mkdir(parents=True, exist_ok=True)
+    credentials.create_ca(home.certs)
+    credentials.create_server_certificate(home.certs, hosts=hosts)
+
+
+# --- devices ------------------------------------------------------------------------------
+
+
+def add_device(home: ServerHome, name: str, *, public_key: Path | None = None) -> dict[str, Any]:
+    """Add a device: make its key pair (or take its public key); register it when live."""
+    credentials.check_name(name)
+    registry = home.registry()
+    if name in registry and registry[name]["status"] == "active":
+        raise DeviceError(f"Device {name!r} is already registered.")
+    home.devices.mkdir(parents=True, exist_ok=True)
+    pub = home.devices / f"{name}.pub"
+    for old in (pub, home.devices / f"{name}.key"):
+        old.unlink(missing_ok=True)  # a revoked device gets a new key
+    if public_key is None:
+        credentials.create_device_key(home.devices, name)
+    else:
+        credentials.check_public_key(public_key)
+        pub.write_bytes(Path(public_key).read_bytes())
+    registry[name] = {
+        "public_key": str(pub.relative_to(home.root)),
+        "fingerprint": credentials.check_public_key(pub),
+        "status": "active",
+        "node_id": None,
+        "added": time.time(),
+    }
+    home.save_registry(registry)
+    _sync_if_live(home)
+    return home.registry()[name]
+
+
+def revoke_device(home: ServerHome, name: str) -> dict[str, Any]:
+    """Revoke a device: the SuperLink refuses its key from now on."""
+    registry = home.registry()
+    if name not in registry:
+        raise DeviceError(f"No device {name!r}; `fedrec-server device list` shows them.")
+    registry[name]["status"] = "revoked"
+    registry[name]["revoked"] = time.time()
+    home.save_registry(registry)
+    _sync_if_live(home)
+    return home.registry()[name]
+
+
+def sync_devices(home: ServerHome, cli: FlowerCli, say=print) -> None:
+    """Make the SuperLink's registered keys match the registry (register, unregister)."""
+    registry = home.registry()
+    for name, entry in sorted(registry.items()):
+        if entry["status"] == "active" and entry.get("node_id") is None:
+            entry["node_id"] = cli.register_node(home.root / entry["public_key"], name=name)
+            say(f"Registered device {name} as node {entry['node_id']}.")
+        elif entry["status"] == "revoked" and entry.get("node_id") is not None:
+            with contextlib.suppress(RunnerError):  # already gone from this database
+                cli.unregister_node(int(entry["node_id"]))
+            say(f"Unregistered revoked device {name} (node {entry['node_id']}).")
+            entry["node_id"] = None
+        home.save_registry(registry)
+
+
+def _sync_if_live(home: ServerHome) -> None:
+    if home.live_superlink() is not None:
+        sync_devices(
+            home, FlowerCli(env=flower_env(home.flwr_home), cwd=home.root, connection=CONNECTION)
+        )
+
+
+# --- a run --------------------------------------------------------------------------------
+
+
+def load_run_config(path: Path | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """DEPLOYMENT_DEFAULTS, then the TOML file's [run] table, then overrides; checked."""
+    values: dict[str, Any] = dict(DEPLOYMENT_DEFAULTS)
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"Cannot read run config {path}: {exc}") from None
+        unknown = sorted(set(data) - {"run"})
+        if unknown:
+            raise ConfigError(f"{path}: only a [run] table is allowed, found {unknown}.")
+        values.update(flatten(data.get("run", {})))
+    values.update(overrides)
+    values = check_run_config(values, app_defaults(PROJECT_DIR))
+    try:
+        Config.from_mapping(values)
+    except ValueError as exc:
+        raise ConfigError(f"Invalid run config: {exc}") from None
+    return values
+
+
+def run(
+    home: ServerHome,
+    *,
+    run_config: Mapping[str, Any],
+    output: Path,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    insecure: bool = False,
+    overwrite: bool = False,
+    poll_s: float = 5.0,
+    timeout_s: float | None = None,
+    say=print,
+) -> str:
+    """Start the SuperLink, submit the run, follow it; its final status."""
+    # 1. Configuration and output directory, checked before anything starts
+    output = output.expanduser().resolve()
+    run_config = {**run_config, "output-dir": str(output)}
+    check_output_dir(output, PROJECT_DIR)
+    resume = bool(run_config.get("resume"))
+    prepare_output_dir(output, resume=resume, overwrite=overwrite, artifacts=RUN_ARTIFACTS)
+    home.root.mkdir(parents=True, exist_ok=True)
+    if (live := home.live_superlink()) is not None:
+        raise ConfigError(f"A SuperLink of {home.root} already runs (pid {live['pid']}).")
+
+    # 2. The SuperLink: TLS and SuperNode authentication unless --insecure
+    tls = None if insecure else home.tls()
+    env = flower_env(home.flwr_home)
+    superlink = SuperLink(
+        port=port,
+        host=host,
+        env=env,
+        log_path=home.root / "superlink.log",
+        tls=tls,
+        supernode_auth=not insecure,
+        database=home.database,
+    )
+    write_flwr_config(
+        home.flwr_home,
+        connection=CONNECTION,
+        address=superlink.address,
+        root_certificates=tls.ca_cert if tls else None,
+    )
+    cli = FlowerCli(env=env, cwd=home.root, connection=CONNECTION)
+    status = "not started"
+    try:
+        superlink.start()
+        home.live.write_text(json.dumps({"pid": superlink.pid, "address": superlink.address}))
+        mode = "insecure (no TLS, no device authentication)" if insecure else "TLS, device auth"
+        say(f"SuperLink on {host}:{port} ({mode}), pid {superlink.pid}; state {home.database}")
+        if not insecure:
+            sync_devices(home, cli, say=say)
+
+        # 3. Submit, then follow: rounds from metrics.jsonl, status from `flwr list`
+        run_id = cli.run(PROJECT_DIR, run_config=to_config_string(run_config))
+        say(f"Run {run_id} submitted; waiting for {run_config['min-nodes']} device(s).")
+        log_path = output / "run.log"
+        with open(log_path, "wb") as log:
+            streamer = cli.stream_log(run_id, log)
+            try:
+                info = follow_run(
+                    cli,
+                    run_id,
+                    superlink=superlink,
+                    streamer=streamer,
+                    metrics=MetricsTail(output / METRICS_FILE, skip_existing=resume),
+                    config={**app_defaults(PROJECT_DIR), **run_config},
+                    poll_s=poll_s,
+                    timeout_s=timeout_s,
+                    say=say,
+                )
+            finally:
+                end_process(streamer, grace_s=5.0)
+        status = str(info["status"])
+        save_run_log(cli, run_id, log_path)
+        strip_colours(log_path)
+        say(_summary(output, run_id, status, info))
+        if status != COMPLETED:
+            say(f"--- last lines of {log_path} ---\n{tail(log_path)}\n---")
+    finally:
+        with uninterrupted():
+            superlink.stop()
+            home.live.unlink(missing_ok=True)
+    return status
+
+
+def _summary(output: Path, run_id: str, status: str, info: Mapping[str, Any]) -> str:
+    details = str(info.get("status-details") or "")
+    lines = [f"Run {run_id} ended {status}" + (f": {details}" if details != "N/A" else "")]
+    final = output / "models" / "final" / "fedrec.json"
+    if final.exists():
+        meta = json.loads(final.read_text())
+        lines.append(f"Final model {meta.get('version')}: {final.parent}")
+    pushes = output / "pushes.jsonl"
+    if pushes.exists():
+        for line in pushes.read_text().splitlines():
+            push = json.loads(line)
+            lines.append(
+                f"Push of {push['version']}: installed on {len(push['installed'])} of "
+                f"{len(push['nodes'])} node(s)"
+                + (f"; failed: {push['failed']}" if push["failed"] else "")
+            )
+    lines.append(f"Metrics: {output / METRICS_FILE}")
+    return "\n".join(lines)
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fedrec-server",
+        description="Run the aggregation server of a fedrec federation (Flower SuperLink).",
+        epilog=(
+            "Typical use:\n"
+            "  fedrec-server init --home srv --host fedrec.example.org\n"
+            "  fedrec-server device add phone-1 --home srv   # hand srv/devices/phone-1.key\n"
+            "                                                # and srv/certs/ca.crt to it\n"
+            "  fedrec-server run --home srv --config server/deploy.toml --host 0.0.0.0\n"
+            "Exit status of run: 0 when the run finished completed, 1 otherwise, 2 for a bad\n"
+            "option or config, 130 when interrupted."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=Path("fedrec-server"),
+        help="the server's directory: certificates, devices, SuperLink state "
+        "(default: ./fedrec-server)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="create the CA and the server's TLS certificate")
+    init.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME_OR_IP",
+        help="a host name or IP address devices use to reach the server (repeatable; "
+        "localhost and 127.0.0.1 are always included)",
+    )
+    init.add_argument("--force", action="store_true", help="replace an existing CA")
+
+    device = sub.add_parser("device", help="add, revoke or list devices")
+    actions = device.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="make a device key pair (or take --public-key)")
+    add.add_argument("name", help="device name: letters, digits, '.', '_', '-'")
+    add.add_argument(
+        "--public-key",
+        type=Path,
+        metavar="FILE",
+        help="the device's own public key (fedrec-client keygen) instead of a new pair",
+    )
+    revoke = actions.add_parser("revoke", help="refuse a device's key from now on")
+    revoke.add_argument("name")
+    actions.add_parser("list", help="the registered and revoked devices")
+
+    go = sub.add_parser("run", help="start the SuperLink and run a federation")
+    go.add_argument("--config", type=Path, metavar="TOML", help="run config: a [run] table")
+    go.add_argument(
+        "--run-config",
+        default="",
+        metavar='"KEY=VALUE ..."',
+        help="more run-config overrides (TOML values, strings quoted)",
+    )
+    go.add_argument(
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help="where models and metrics go (default: HOME/run)",
+    )
+    go.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
+    )
+    go.add_argument("--port", type=int, default=DEFAULT_PORT, help="SuperLink port (8000)")
+    go.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS and no device authentication: local experiments only",
+    )
+    go.add_argument("--overwrite", action="store_true", help="replace an earlier run's output")
+    go.add_argument("--timeout-s", type=float, metavar="S", help="stop the run after S seconds")
+    go.add_argument("--poll-s", type=float, default=5.0, metavar="S", help="status poll period")
+    return parser.parse_args(argv)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `fedrec-server` command."""
+    args = parse_args(argv)
+    home = ServerHome(args.home)
+    try:
+        if args.command == "init":
+            if not args.host:
+                raise ConfigError("Give at least one --host: the name devices use to reach you.")
+            init_home(home, hosts=args.host, force=args.force)
+            names = credentials.certificate_names(home.certs / credentials.SERVER_CERT)
+            print(f"CA and server certificate in {home.certs} (valid for {', '.join(names)}).")
+            print(f"Give {home.certs / credentials.CA_CERT} to every device.")
+        elif args.command == "device":
+            return _device(home, args)
+        else:
+            signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C does
+            config = load_run_config(args.config, parse_config_string(args.run_config))
+            status = run(
+                home,
+                run_config=config,
+                output=args.output or home.root / "run",
+                host=args.host,
+                port=args.port,
+                insecure=args.insecure,
+                overwrite=args.overwrite,
+                poll_s=args.poll_s,
+                timeout_s=args.timeout_s,
+            )
+            return 0 if status == COMPLETED else 1
+    except (ConfigError, DeviceError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RunnerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("Interrupted: the SuperLink was stopped.", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _device(home: ServerHome, args: argparse.Namespace) -> int:
+    if args.action == "add":
+        entry = add_device(home, args.name, public_key=args.public_key)
+        key = home.devices / f"{args.name}.key"
+        print(f"Device {args.name} added (key fingerprint {entry['fingerprint'][:16]}).")
+        if key.exists():
+            print(f"Give the device {key} (secret) and {home.certs / credentials.CA_CERT}.")
+        if entry.get("node_id") is None:
+            print("It is registered with the SuperLink when `fedrec-server run` starts.")
+    elif args.action == "revoke":
+        entry = revoke_device(home, args.name)
+        live = home.live_superlink() is not None
+        print(
+            f"Device {args.name} revoked"
+            + (": the SuperLink refuses it now." if live else "; refused from the next run on.")
+        )
+    else:
+        registry = home.registry()
+        if not registry:
+            print(f"No devices in {home.registry_path}.")
+        for name, entry in sorted(registry.items()):
+            node = entry.get("node_id")
+            print(
+                f"{name:24} {entry['status']:8} node {node if node is not None else '-':>20} "
+                f"key {entry['fingerprint'][:16]}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

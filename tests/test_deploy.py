@@ -1,0 +1,165 @@
+"""End-to-end deployment on loopback: fedrec-server and fedrec-client as real processes.
+
+A SuperLink with TLS and SuperNode authentication, SuperNodes with their own data files and
+state directories, the real ServerApp and ClientApp on a synthetic catalog with a tiny BERT.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from client.client_app import LEDGER_FILE
+from client.device import EXIT_REFUSED
+from client.installed import installed_metadata, load_installed
+from common.weights import load_model_dir, trainable_state
+from simulations.loopback import LoopbackFederation
+from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
+
+pytestmark = pytest.mark.slow
+
+TINY_RUN = {
+    "model-dim": 16,
+    "bottleneck-dim": 8,
+    "history-len": 6,
+    "num-negatives": 5,
+    "batch-size": 8,
+    "user-layers": 1,
+    "user-heads": 2,
+    "max-tokens": 8,
+    "lora-r": 4,
+    "adapter-k": 0,
+    "central-eval": False,
+    "push-model": True,
+}
+
+
+def split_users(data: Path, out: Path, names: list[str]) -> dict[str, Path]:
+    """Each device gets every len(names)-th user's interactions, in its own CSV file."""
+    with open(data / "interactions.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    header, body = rows[0], rows[1:]
+    users = sorted({r[0] for r in body})
+    files = {}
+    for k, name in enumerate(names):
+        mine = set(users[k :: len(names)])
+        path = out / f"{name}.csv"
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            writer.writerows(r for r in body if r[0] in mine)
+        files[name] = path
+    return files
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("world")
+    return {
+        "backbone": make_tiny_backbone(root / "bert"),
+        "data": make_synthetic_dataset(root / "data", num_users=12, num_items=24),
+    }
+
+
+def federation(tmp_path: Path, world: dict[str, Path], **run) -> LoopbackFederation:
+    return LoopbackFederation(
+        tmp_path / "fed",
+        catalog=world["data"] / "items.csv",
+        server_data=world["data"],
+        backbone=world["backbone"],
+        run_config={**TINY_RUN, **run},
+    )
+
+
+def test_two_devices_train_and_install_the_final_model(tmp_path: Path, world) -> None:
+    files = split_users(world["data"], tmp_path, ["dev-a", "dev-b", "stranger"])
+    with federation(tmp_path, world, **{"num-server-rounds": 2, "min-nodes": 2}) as fed:
+        fed.add_devices({"dev-a": files["dev-a"], "dev-b": files["dev-b"]})
+        stranger = fed.outsider("stranger", files["stranger"])
+        fed.start_server()
+        fed.start_device("dev-a")
+        fed.start_device("dev-b")
+        fed.start_device("stranger")
+
+        # The unregistered device is refused and exits with its own code
+        assert stranger.process.wait(timeout=120) == EXIT_REFUSED, stranger.out.read_text()
+        assert "refused" in stranger.out.read_text()
+
+        code = fed.wait_server(timeout_s=900)
+        server_out = (fed.root / "server.out").read_text()
+        assert code == 0, server_out
+        assert "finished:completed" in server_out
+        fed.stop()
+        assert fed.leftovers() == []
+
+    # Two rounds with both devices, each round's global model and the final one on disk
+    rows = fed.rounds()
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["clients_train"] for r in rows[1:]] == [2, 2]
+    for key in ("client_cache_load_s", "client_model_load_s", "client_train_s", "client_reply_s"):
+        assert rows[2][key] >= 0.0, key
+    assert (fed.output / "models" / "round-001" / "fedrec.json").exists()
+    final_state, final = load_model_dir(fed.output / "models" / "final")
+
+    # Both devices installed the final model, with the server's version, and it loads
+    pushes = [json.loads(line) for line in (fed.output / "pushes.jsonl").read_text().splitlines()]
+    assert pushes[-1]["version"] == final["version"]
+    assert len(pushes[-1]["installed"]) == 2 and not pushes[-1]["failed"]
+    for name in ("dev-a", "dev-b"):
+        state_dir = fed.devices[name].state_dir
+        assert installed_metadata(state_dir)["version"] == final["version"]
+        model, meta = load_installed(state_dir)
+        installed = trainable_state(model)
+        assert all((installed[k] == final_state[k]).all() for k in final_state)
+        assert (state_dir / "cache").is_dir()  # frozen-backbone states of the catalog
+    assert not (fed.devices["stranger"].state_dir / "models").exists()
+    assert "stranger" not in fed.node_ids()
+
+
+def test_a_crashed_device_rejoins_with_its_privacy_ledger(tmp_path: Path, world) -> None:
+    files = split_users(world["data"], tmp_path, ["dev-a", "dev-b", "dev-c"])
+    run = {
+        "num-server-rounds": 5,
+        "min-nodes": 2,
+        "dp-enabled": True,
+        "dp-noise-multiplier": 1.0,
+        "dp-target-epsilon": 1000.0,
+        "fraction-evaluate": 0.0,
+    }
+    with federation(tmp_path, world, **run) as fed:
+        fed.add_devices(files)
+        fed.start_server()
+        for name in files:
+            fed.start_device(name)
+        node_c = fed.node_ids()["dev-c"]
+        ledger = fed.devices["dev-c"].state_dir / LEDGER_FILE
+
+        # dev-c trains in round 1, then crashes (SIGKILL) during round 2
+        fed.wait_for_round(1, timeout_s=600)
+        before = json.loads(ledger.read_text())["history"]
+        fed.crash_device("dev-c")
+
+        # The federation goes on without it; it comes back after round 3
+        fed.wait_for_round(3, timeout_s=600)
+        fed.start_device("dev-c")
+        code = fed.wait_server(timeout_s=900)
+        server_out = (fed.root / "server.out").read_text()
+        assert code == 0, server_out
+        fed.stop()
+        assert fed.leftovers() == []
+
+    rows = fed.rounds()
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert rows[1]["clients_train"] == 3
+    lost = [r for r in rows[2:4] if node_c in r.get("failed_nodes", [])]
+    missing = [r for r in rows[2:4] if r["clients_train"] == 2]
+    assert lost or missing, rows
+    log = (fed.output / "run.log").read_text()
+    assert f"lost node {node_c}" in log or missing, log[-3000:]
+    # Back with the same key, it is the same node, and its ledger continued where it was
+    after = json.loads(ledger.read_text())["history"]
+    assert after[: len(before)] == before and len(after) > len(before)
+    assert max(r["clients_train"] for r in rows[4:]) == 3
