@@ -113,8 +113,15 @@ def join(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_REFUSED
+    if code == 0:  # it was not asked to stop: the SuperLink ended the session (revoked key)
+        print(
+            "The server ended this device's session: its key was probably revoked (ask the "
+            f"operator).\n{tail(log_path, 12)}",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
     print(f"The SuperNode exited with code {code}.\n{tail(log_path, 12)}", file=sys.stderr)
-    return 1 if code else 0
+    return 1
 
 
 def status(state_dir: Path) -> dict:

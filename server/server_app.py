@@ -32,7 +32,7 @@ from common.weights import (
     trainable_state,
 )
 from server.runlog import RunLog
-from server.strategy import CLIENT_TIMES, make_strategy
+from server.strategy import CLIENT_TIMES, destinations, make_strategy, reply_node
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         min_available_nodes=nodes,
         evaluate_every=cfg.evaluate_every,
         num_rounds=remaining,
+        message_ttl_s=cfg.round_timeout_s,
     )
 
     # 5. After each round: central evaluation (simulation), checkpoint, metrics row
@@ -191,12 +192,15 @@ def push_model(
             RecordDict({"arrays": arrays, "config": config}),
             dst_node_id=node,
             message_type="query.install",
+            ttl=timeout_s,
         )
         for node in nodes
     ]
     installed, failed = [], {}
-    for reply in grid.send_and_receive(messages, timeout=timeout_s):
-        node = reply.metadata.src_node_id
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    sent = destinations(messages)
+    for reply in replies:
+        node = reply_node(reply, sent)
         if reply.has_error():
             failed[node] = reply.error.reason
         else:

@@ -45,6 +45,18 @@ class RoundStats:
     evaluate: dict[str, float] = field(default_factory=dict)
 
 
+def destinations(messages: Iterable[Message]) -> dict[str, int]:
+    """Message id -> destination node of messages the grid has sent (it sets their ids)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+
+
+def reply_node(reply: Message, sent: dict[str, int]) -> int:
+    """The node a reply is about. An error reply that the SuperLink wrote for a node that
+    stopped answering comes from the SuperLink itself, so it is traced back to the node the
+    original message went to."""
+    return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
 def array_bytes(arrays: ArrayRecord) -> int:
     """Bytes of an ArrayRecord's tensor data."""
     return int(sum(len(a.data) for a in arrays.values()))
@@ -59,12 +71,30 @@ class ValidatedReplies:
     traffic and privacy figures in `stats`, and evaluates every `evaluate_every` rounds.
     """
 
-    def __init__(self, *, evaluate_every: int = 1, num_rounds: int = 1, **kwargs):
+    def __init__(
+        self,
+        *,
+        evaluate_every: int = 1,
+        num_rounds: int = 1,
+        message_ttl_s: float | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.evaluate_every = evaluate_every
         self.num_rounds = num_rounds
+        self.message_ttl_s = message_ttl_s
         self.stats: dict[int, RoundStats] = {}
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._sent: list[Message] = []  # this round's training messages
+
+    def _construct_messages(self, record, node_ids, message_type) -> list[Message]:
+        """Flower's messages, expiring with the round: a node that was down does not wake up
+        to last round's work (Flower's default time-to-live is 12 hours)."""
+        messages = list(super()._construct_messages(record, node_ids, message_type))
+        if self.message_ttl_s is not None:
+            for msg in messages:
+                msg.metadata.ttl = self.message_ttl_s
+        return messages
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -72,6 +102,7 @@ class ValidatedReplies:
         stats = self.stats.setdefault(server_round, RoundStats())
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent = messages
         stats.clients_sampled = len(messages)
         stats.bytes_down += array_bytes(arrays) * len(messages)
         return messages
@@ -108,18 +139,15 @@ class ValidatedReplies:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats.setdefault(server_round, RoundStats())
         accepted: list[Message] = []
+        replies = list(replies)
+        sent = destinations(self._sent)
+        answered = {reply_node(msg, sent) for msg in replies}
+        for node in sorted(set(sent.values()) - answered):  # no reply within the timeout
+            self._lost(stats, server_round, node, "no reply before the round's timeout")
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = reply_node(msg, sent)
             if msg.has_error():
-                stats.clients_failed += 1
-                stats.failed_nodes.append(node)
-                log.warning(
-                    "Round %d: lost node %d (error %d: %s); the round goes on without it.",
-                    server_round,
-                    node,
-                    msg.error.code,
-                    msg.error.reason,
-                )
+                self._lost(stats, server_round, node, f"error {msg.error.code}: {msg.error.reason}")
                 continue
             metrics = next(iter(msg.content.metric_records.values()), {})
             if metrics.get(DECLINED):
@@ -158,6 +186,13 @@ class ValidatedReplies:
         if metrics is not None and "train-loss" in metrics:
             stats.train_loss = float(metrics["train-loss"])
         return arrays, metrics
+
+    def _lost(self, stats: RoundStats, server_round: int, node: int, why: str) -> None:
+        stats.clients_failed += 1
+        stats.failed_nodes.append(node)
+        log.warning(
+            "Round %d: lost node %d (%s); the round goes on without it.", server_round, node, why
+        )
 
     def _as_expected(self, arrays: ArrayRecord) -> ArrayRecord:
         """Cast back to the global model's dtypes (FedAdam's numpy arithmetic yields float64)."""

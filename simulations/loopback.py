@@ -158,6 +158,20 @@ class LoopbackFederation:
             time.sleep(0.2)
         raise TimeoutError(f"{name} did not start its SuperNode:\n{tail(self.devices[name].out)}")
 
+    def wait_until_active(self, name: str, timeout_s: float = 120.0) -> None:
+        """Until a device's SuperNode was accepted by the SuperLink (it logs its node id)."""
+        log = self.devices[name].state_dir / "supernode.log"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if log.exists() and "SuperNode ID:" in log.read_text(errors="replace"):
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"{name} was not accepted by the SuperLink:\n{tail(log)}")
+
+    def revoke(self, name: str) -> None:
+        """`fedrec-server device revoke NAME`."""
+        self._cli("server", "device", "revoke", name)
+
     def crash_device(self, name: str) -> None:
         """SIGKILL a device's SuperNode and everything it started: a crash, not a stop."""
         pid = self.supernode_pid(name)

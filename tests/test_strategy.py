@@ -3,11 +3,12 @@
 import logging
 import time
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Metadata, MetricRecord, RecordDict
 from flwr.app.message import make_message
 
 from server.strategy import FedRecAdam, FedRecAvg, make_strategy
@@ -17,18 +18,21 @@ def arrays(**tensors) -> ArrayRecord:
     return ArrayRecord(OrderedDict((k, torch.as_tensor(v)) for k, v in tensors.items()))
 
 
-def reply(node: int, content: RecordDict):
+def reply(node: int, content: RecordDict | None = None, *, src: int | None = None, error=None):
+    """node's reply to the training message sent to it (from `src`: the SuperLink's errors)."""
     meta = Metadata(
         run_id=1,
         message_id=f"m{node}",
-        src_node_id=node,
+        src_node_id=node if src is None else src,
         dst_node_id=0,
-        reply_to_message_id="q",
+        reply_to_message_id=f"q{node}",
         group_id="1",
         created_at=time.time(),
         ttl=60.0,
         message_type="train",
     )
+    if error is not None:
+        return make_message(metadata=meta, error=error)
     return make_message(metadata=meta, content=content)
 
 
@@ -49,9 +53,17 @@ class FakeGrid:
         return [1, 2, 3, 4, 5, 6]
 
 
+def sent(node_ids):
+    """Stand-ins for the messages a Flower run would send (the grid gives them ids)."""
+    return [
+        SimpleNamespace(metadata=SimpleNamespace(message_id=f"q{n}", dst_node_id=n))
+        for n in node_ids
+    ]
+
+
 def configure(s, model):
-    """Run configure_train without a Flower run (messages replaced by their node ids)."""
-    s._construct_messages = lambda record, node_ids, message_type: node_ids
+    """Run configure_train without a Flower run (messages replaced by stand-ins)."""
+    s._construct_messages = lambda record, node_ids, message_type: sent(node_ids)
     return list(s.configure_train(1, model, ConfigRecord(), FakeGrid()))
 
 
@@ -84,6 +96,25 @@ def test_bad_updates_are_rejected_and_the_good_ones_averaged(strategy, caplog):
     assert "node 4" in text and "NaN" in text
     assert "node 5" in text and "missing ['b']" in text
     assert "node 6 declined" in text
+
+
+def test_lost_nodes_are_named_and_the_round_goes_on(strategy, caplog):
+    """A node that dies mid-round: the SuperLink answers for it (its own node id as the
+    source), or nobody answers before the timeout. Both are counted as that node, lost."""
+    unavailable = Error(code=5, reason="Node Unavailable")
+    replies = [
+        update(1, 10, w=np.ones((2, 3), np.float32), b=np.zeros(3, np.float32)),
+        update(2, 10, w=np.ones((2, 3), np.float32), b=np.zeros(3, np.float32)),
+        reply(3, src=1, error=unavailable),  # written by the SuperLink (node 1 as source)
+        *(update(n, 10, w=np.ones((2, 3), np.float32), b=np.zeros(3, np.float32)) for n in (5, 6)),
+    ]  # node 4: no reply at all
+    with caplog.at_level(logging.WARNING):
+        agg, _ = strategy.aggregate_train(1, replies)
+    stats = strategy.stats[1]
+    assert agg is not None and stats.clients_train == 4
+    assert stats.clients_failed == 2 and sorted(stats.failed_nodes) == [3, 4]
+    assert "lost node 3 (error 5: Node Unavailable)" in caplog.text
+    assert "lost node 4 (no reply" in caplog.text and "lost node 1" not in caplog.text
 
 
 def test_a_round_with_no_usable_update_keeps_the_model(strategy):
