@@ -49,7 +49,7 @@ class LoopbackFederation:
         root: Path,
         *,
         catalog: Path,
-        server_data: Path,
+        server_data: Path | None,
         run_config: Mapping[str, Any],
         backbone: Path | None = None,
     ):
@@ -59,7 +59,8 @@ class LoopbackFederation:
         self.output = self.root / "server-run"
         self.catalog = Path(catalog).resolve()
         self.backbone = backbone
-        self.run_config = {"dataset": "path", "data-path": str(server_data), **run_config}
+        files = {"dataset": "path", "data-path": str(server_data)} if server_data else {}
+        self.run_config = {**files, **run_config}
         if backbone is not None:
             self.run_config["backbone"] = str(backbone)
         self.port = free_port()
