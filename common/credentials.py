@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -146,7 +147,7 @@ def check_public_key(path: Path) -> str:
     data = Path(path).read_bytes()
     try:
         key = serialization.load_ssh_public_key(data)
-    except (ValueError, TypeError) as exc:  # UnsupportedAlgorithm is a ValueError subclass
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ValueError(f"{path} is not an OpenSSH public key: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ValueError(

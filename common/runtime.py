@@ -146,8 +146,9 @@ def parse_config_string(text: str) -> dict[str, Any]:
         ) from None
 
 
-def check_output_dir(output: Path, project_dir: Path) -> None:
-    """Refuse an output directory that `flwr run` would pack into the app bundle."""
+def check_output_dir(output: Path, project_dir: Path, *, what: str = "Output directory") -> None:
+    """Refuse a directory that `flwr run` would pack into the app bundle (and so send to
+    every node): one inside the project that .gitignore does not exclude."""
     try:
         relative = output.relative_to(project_dir.resolve())
     except ValueError:
@@ -157,9 +158,9 @@ def check_output_dir(output: Path, project_dir: Path) -> None:
     spec = pathspec.GitIgnoreSpec.from_lines(lines)
     if not spec.match_file(f"{relative.as_posix()}/metrics.jsonl"):
         raise ConfigError(
-            f"Output directory {output} lies inside the app ({project_dir}) and is not "
-            "git-ignored, so `flwr run` would pack its files into the app bundle: choose a "
-            "directory under outputs/ or outside the project."
+            f"{what} {output} lies inside the app ({project_dir}) and is not git-ignored, so "
+            "`flwr run` would pack its files into the app bundle: choose a directory under "
+            "outputs/ or outside the project."
         )
 
 

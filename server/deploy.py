@@ -241,6 +241,7 @@ def run(
     output = output.expanduser().resolve()
     run_config = {**run_config, "output-dir": str(output)}
     check_output_dir(output, PROJECT_DIR)
+    check_output_dir(home.root, PROJECT_DIR, what="The server's home (private keys!)")
     resume = bool(run_config.get("resume"))
     prepare_output_dir(output, resume=resume, overwrite=overwrite, artifacts=RUN_ARTIFACTS)
     home.root.mkdir(parents=True, exist_ok=True)
@@ -274,6 +275,13 @@ def run(
         say(f"SuperLink on {host}:{port} ({mode}), pid {superlink.pid}; state {home.database}")
         if not insecure:
             sync_devices(home, cli, say=say)
+            active = [n for n, e in home.registry().items() if e["status"] == "active"]
+            if len(active) < int(run_config["min-nodes"]):
+                say(
+                    f"warning: {len(active)} active device(s) for min-nodes "
+                    f"{run_config['min-nodes']}: add more with `fedrec-server --home "
+                    f"{home.root} device add NAME` (this run registers them as they are added)."
+                )
 
         # 3. Submit, then follow: rounds from metrics.jsonl, status from `flwr list`
         run_id = cli.run(PROJECT_DIR, run_config=to_config_string(run_config))

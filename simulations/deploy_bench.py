@@ -44,19 +44,19 @@ def device_files(out: Path, *, cache_dir: Path, count: int) -> dict[str, Path]:
     """One CSV per device: the interactions of a user of median history length."""
     data = load_dataset(dataset="ml-100k", cache_dir=cache_dir)
     inter = data.interactions
-    counts = np.bincount(inter.users)
+    counts = np.bincount(inter.user)
     order = np.argsort(np.abs(counts - np.median(counts)), kind="stable")[:count]
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for k, user in enumerate(order):
         path = out / f"device-{k}.csv"
-        rows = np.flatnonzero(inter.users == user)
+        rows = np.flatnonzero(inter.user == user)
         with open(path, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["user_id", "item_id", "timestamp"])
             for r in rows:
-                item = data.catalog.item_ids[inter.items[r]]
-                writer.writerow([f"u{user}", item, int(inter.timestamps[r])])
+                item = data.catalog.item_ids[inter.item[r]]
+                writer.writerow([f"u{user}", item, inter.timestamp[r].item()])
         files[f"device-{k}"] = path
     return files
 
