@@ -166,7 +166,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     keygen.add_argument("--name", required=True, help="device name (file names NAME.key/.pub)")
     keygen.add_argument("--out", type=Path, default=Path("."), help="directory (default: .)")
 
-    go = sub.add_parser("join", help="join a federation: run a SuperNode until stopped")
+    go = sub.add_parser(
+        "join",
+        help="join a federation: run a SuperNode until stopped",
+        epilog="Exit status: 130 when stopped (Ctrl-C, SIGTERM), 3 when the server refuses "
+        "this device (unregistered or revoked key), 2 for bad files or options, 1 when the "
+        "SuperNode fails otherwise.",
+    )
     go.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the server")
     go.add_argument("--root-certificates", type=Path, metavar="CA", help="the server's ca.crt")
     go.add_argument("--key", type=Path, help="this device's private key (NAME.key)")

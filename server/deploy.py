@@ -345,10 +345,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Run the aggregation server of a fedrec federation (Flower SuperLink).",
         epilog=(
             "Typical use:\n"
-            "  fedrec-server init --home srv --host fedrec.example.org\n"
-            "  fedrec-server device add phone-1 --home srv   # hand srv/devices/phone-1.key\n"
+            "  fedrec-server --home srv init --host fedrec.example.org\n"
+            "  fedrec-server --home srv device add phone-1   # hand srv/devices/phone-1.key\n"
             "                                                # and srv/certs/ca.crt to it\n"
-            "  fedrec-server run --home srv --config server/deploy.toml --host 0.0.0.0\n"
+            "  fedrec-server --home srv run --config server/deploy.toml --host 0.0.0.0\n"
             "Exit status of run: 0 when the run finished completed, 1 otherwise, 2 for a bad\n"
             "option or config, 130 when interrupted."
         ),
