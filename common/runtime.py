@@ -673,6 +673,44 @@ def follow_run(
         time.sleep(1.0)
 
 
+def follow_and_log(
+    cli: FlowerCli,
+    run_id: str,
+    *,
+    superlink: SuperLink,
+    output_dir: Path,
+    log_path: Path,
+    config: Mapping[str, Any],
+    poll_s: float,
+    timeout_s: float | None,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Follow a run to its end with its log streamed into log_path; its final status row."""
+    with open(log_path, "wb") as log:
+        streamer = cli.stream_log(run_id, log)
+        try:
+            info = follow_run(
+                cli,
+                run_id,
+                superlink=superlink,
+                streamer=streamer,
+                metrics=MetricsTail(
+                    output_dir / METRICS_FILE, skip_existing=bool(config.get("resume"))
+                ),
+                config=config,
+                poll_s=poll_s,
+                timeout_s=timeout_s,
+                say=say,
+            )
+            end_process(streamer, grace_s=30.0)
+        finally:
+            end_process(streamer, grace_s=0.0)
+    # The live stream may have ended early (a dropped connection): fetch the whole log again
+    save_run_log(cli, run_id, log_path)
+    strip_colours(log_path)
+    return info
+
+
 def end_process(process: subprocess.Popen, grace_s: float) -> None:
     """Wait up to grace_s for a process to exit, then terminate (and if need be kill) it."""
     try:

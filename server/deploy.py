@@ -37,21 +37,17 @@ from common.runtime import (
     METRICS_FILE,
     ConfigError,
     FlowerCli,
-    MetricsTail,
     RunnerError,
     SuperLink,
     Tls,
     app_defaults,
     check_output_dir,
     check_run_config,
-    end_process,
     flatten,
     flower_env,
-    follow_run,
+    follow_and_log,
     parse_config_string,
     prepare_output_dir,
-    save_run_log,
-    strip_colours,
     tail,
     to_config_string,
     uninterrupted,
@@ -287,25 +283,18 @@ def run(
         run_id = cli.run(PROJECT_DIR, run_config=to_config_string(run_config))
         say(f"Run {run_id} submitted; waiting for {run_config['min-nodes']} device(s).")
         log_path = output / "run.log"
-        with open(log_path, "wb") as log:
-            streamer = cli.stream_log(run_id, log)
-            try:
-                info = follow_run(
-                    cli,
-                    run_id,
-                    superlink=superlink,
-                    streamer=streamer,
-                    metrics=MetricsTail(output / METRICS_FILE, skip_existing=resume),
-                    config={**app_defaults(PROJECT_DIR), **run_config},
-                    poll_s=poll_s,
-                    timeout_s=timeout_s,
-                    say=say,
-                )
-            finally:
-                end_process(streamer, grace_s=5.0)
+        info = follow_and_log(
+            cli,
+            run_id,
+            superlink=superlink,
+            output_dir=output,
+            log_path=log_path,
+            config={**app_defaults(PROJECT_DIR), **run_config},
+            poll_s=poll_s,
+            timeout_s=timeout_s,
+            say=say,
+        )
         status = str(info["status"])
-        save_run_log(cli, run_id, log_path)
-        strip_colours(log_path)
         say(_summary(output, run_id, status, info))
         if status != COMPLETED:
             say(f"--- last lines of {log_path} ---\n{tail(log_path)}\n---")

@@ -33,6 +33,7 @@ from common.metrics import peak_rss_mb, rank_of_target, ranking_metrics
 from common.task import build_model, eval_cases, item_states, load_data, train_examples
 from common.train import evaluate, train
 from common.weights import load_trainable_state, trainable_state
+from simulations import report
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "simulations" / "configs"
@@ -288,12 +289,7 @@ def write_results(rows: list[dict], results_dir: Path, readme: Path = README) ->
     (results_dir / QUALITY_FILE).write_text(json.dumps(rows, indent=2) + "\n")
     table = markdown_table(rows)
     (results_dir / "quality_ml100k.md").write_text(table + "\n")
-    if readme.exists():
-        text = readme.read_text()
-        if MARK_BEGIN in text and MARK_END in text:
-            head, rest = text.split(MARK_BEGIN, 1)
-            _, tail = rest.split(MARK_END, 1)
-            readme.write_text(f"{head}{MARK_BEGIN}\n{table}\n{MARK_END}{tail}")
+    report.replace_block(readme, MARK_BEGIN, MARK_END, table)
 
 
 def main(argv: list[str] | None = None) -> int:

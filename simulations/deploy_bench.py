@@ -31,6 +31,7 @@ import psutil
 
 from common.config import Config
 from common.data import ensure_ml100k, load_dataset
+from simulations import report
 from simulations.loopback import LoopbackFederation
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -217,11 +218,7 @@ def write(result: dict, results_dir: Path = RESULTS_DIR, readme: Path = README) 
     (results_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
     (results_dir / "deploy.md").write_text(table + "\n")
-    text = readme.read_text() if readme.exists() else ""
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        _, tail = rest.split(MARK_END, 1)
-        readme.write_text(f"{head}{MARK_BEGIN}\n{table}\n{MARK_END}{tail}")
+    report.replace_block(readme, MARK_BEGIN, MARK_END, table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,22 +38,18 @@ from common.runtime import (
     COMPLETED,
     ConfigError,
     FlowerCli,
-    MetricsTail,
     RunnerError,
     SuperLink,
     _is_type,
     app_defaults,
     check_output_dir,
     check_run_config,
-    end_process,
     flatten,
     flower_env,
-    follow_run,
+    follow_and_log,
     free_port,
     parse_config_string,
     prepare_output_dir,
-    save_run_log,
-    strip_colours,
     tail,
     to_config_string,
     uninterrupted,
@@ -282,30 +278,18 @@ def run_scenario(
         started = time.monotonic()
         say(f"Run {run_id} submitted: {to_config_string(scenario.federation)}")
         status = "running"
-        with open(log_path, "wb") as log:
-            streamer = cli.stream_log(run_id, log)
-            try:
-                info = follow_run(
-                    cli,
-                    run_id,
-                    superlink=superlink,
-                    streamer=streamer,
-                    metrics=MetricsTail(
-                        output_dir / report.METRICS_FILE,
-                        skip_existing=bool(config.get("resume")),
-                    ),
-                    config=config,
-                    poll_s=poll_s,
-                    timeout_s=timeout_s,
-                    say=say,
-                )
-                end_process(streamer, grace_s=30.0)
-            finally:
-                end_process(streamer, grace_s=0.0)
+        info = follow_and_log(
+            cli,
+            run_id,
+            superlink=superlink,
+            output_dir=output_dir,
+            log_path=log_path,
+            config=config,
+            poll_s=poll_s,
+            timeout_s=timeout_s,
+            say=say,
+        )
         status = str(info["status"])
-        # The live stream may have ended early (a dropped connection): fetch the whole log again
-        save_run_log(cli, run_id, log_path)
-        strip_colours(log_path)
         if status != COMPLETED:
             say(f"\nRun {run_id} ended {status}: {info.get('status-details', '')}")
             say(f"--- last lines of {log_path} ---\n{tail(log_path)}\n---")
