@@ -138,15 +138,16 @@ def status(state_dir: Path) -> dict:
     )
     ledger = state_dir / LEDGER_FILE
     info["privacy_ledger"] = json.loads(ledger.read_text()) if ledger.exists() else None
-    info["cache_bytes"] = _size(state_dir / CACHE_DIR)
-    info["disk_bytes"] = _size(state_dir)
+    info["cache_bytes"] = disk_bytes(state_dir / CACHE_DIR)
+    info["disk_bytes"] = disk_bytes(state_dir)
     return info
 
 
-def _size(path: Path) -> int:
-    if not path.exists():
-        return 0
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def disk_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file below a directory (0 when absent)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
 def _interrupt(signum: int, frame: object) -> None:

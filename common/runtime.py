@@ -305,24 +305,44 @@ class FlowerProcess:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout_s: float = 20.0, *, sig: signal.Signals = signal.SIGTERM) -> None:
-        """Signal the process group (and stray descendants), then SIGKILL what is left."""
+        """Signal the process group and every stray (descendants in other sessions, such as
+        Ray's daemons, and processes started with our FLWR_HOME), then SIGKILL what is left."""
         if self.process is None:
             return
         group = self.process.pid  # start_new_session: the group id is the leader's pid
-        descendants = _descendants(group)
+        strays = set(_descendants(group)) | set(self._with_our_home())
         for current in (sig, signal.SIGKILL):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, current)
-            for pid in descendants:  # e.g. Ray daemons that made their own session
+            for pid in strays:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, current)
             try:
                 self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 continue
-            if not any(_alive(pid) for pid in descendants):
+            deadline = time.monotonic() + 5.0  # strays exit a moment after their parent
+            while time.monotonic() < deadline and any(_alive(pid) for pid in strays):
+                time.sleep(0.2)
+            # a process started while we were stopping (a Ray worker mid-spawn) is caught too
+            strays = {p for p in strays if _alive(p)} | set(self._with_our_home())
+            if not strays:
                 break
-            time.sleep(1.0)
+
+    def _with_our_home(self) -> list[int]:
+        """Live processes whose environment holds this process's FLWR_HOME."""
+        home = self.env.get("FLWR_HOME")
+        if not home:
+            return []
+        marker = f"FLWR_HOME={home}".encode()
+        found = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if marker in environ.read_bytes().split(b"\0"):
+                    found.append(int(environ.parent.name))
+            except OSError:  # gone, or not ours to read
+                continue
+        return [pid for pid in found if pid != os.getpid() and _alive(pid)]
 
     def kill(self) -> None:
         """SIGKILL the whole group at once: a crash, not a shutdown."""

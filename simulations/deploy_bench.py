@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from client.device import disk_bytes
 from common.config import Config
 from common.data import ensure_ml100k, load_dataset
 from simulations import report
@@ -87,10 +88,6 @@ class GroupMemory(threading.Thread):
             self.done.wait(self.period_s)
 
 
-def size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
-
-
 def run_benchmark(work: Path, *, devices: int, rounds: int) -> dict:
     cache_dir = Config().cache_path
     catalog = ensure_ml100k(cache_dir)
@@ -144,11 +141,11 @@ def run_benchmark(work: Path, *, devices: int, rounds: int) -> dict:
                 "device": name,
                 "interactions": len(device.data.read_text().splitlines()) - 1,
                 "peak_rss_mb": round(memory.peak_mb[name], 1),
-                "state_dir_bytes": size(state) - size(state / "flwr-home"),
-                "cache_bytes": size(state / "cache"),
-                "models_bytes": size(state / "models"),
-                "ledger_bytes": size(state / "privacy-ledger.json"),
-                "app_bundle_bytes": size(state / "flwr-home"),
+                "state_dir_bytes": disk_bytes(state) - disk_bytes(state / "flwr-home"),
+                "cache_bytes": disk_bytes(state / "cache"),
+                "models_bytes": disk_bytes(state / "models"),
+                "ledger_bytes": disk_bytes(state / "privacy-ledger.json"),
+                "app_bundle_bytes": disk_bytes(state / "flwr-home"),
             }
         )
     later = per_round[1:] or per_round
@@ -167,7 +164,7 @@ def run_benchmark(work: Path, *, devices: int, rounds: int) -> dict:
         },
         "per_round": per_round,
         "per_device": device_rows,
-        "python_env_bytes": sum(size(Path(p)) for p in site.getsitepackages()),
+        "python_env_bytes": sum(disk_bytes(Path(p)) for p in site.getsitepackages()),
     }
 
 
@@ -204,7 +201,7 @@ def markdown(result: dict) -> str:
         "| --- | --- |",
         f"| peak RAM, SuperNode + SuperExec + ClientApp | {most('peak_rss_mb'):.0f} MB |",
         f"| peak RAM, ClientApp alone | {client_peak:.0f} MB |",
-        f"| state directory (cache, model, ledger) | {most('state_dir_bytes') / mib:.1f} MB |",
+        f"| state dir (cache, models, ledger, log) | {most('state_dir_bytes') / mib:.1f} MB |",
         f"| of which frozen-backbone cache | {most('cache_bytes') / mib:.1f} MB |",
         f"| of which installed models | {most('models_bytes') / mib:.1f} MB |",
         f"| app bundle Flower installs | {most('app_bundle_bytes') / mib:.1f} MB |",
