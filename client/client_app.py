@@ -84,6 +84,7 @@ class Node:
     state_dir: Path
     name: str  # for logs: "partition 3" or "node 8301..."
     seed: int  # distinct per node
+    device: bool  # a real device (a fresh process per message), not a simulated client
 
 
 def node_of(context: Context, base: Config, msg: Message | None = None) -> Node:
@@ -97,7 +98,8 @@ def node_of(context: Context, base: Config, msg: Message | None = None) -> Node:
         default = cfg.output_path / "clients" / f"{partition_id:05d}"
         state = Path(str(state_dir)) if state_dir else default
         users = partition_of(cfg, splits, partition_id)
-        return Node(cfg, dataset.catalog, users, state, f"partition {partition_id}", partition_id)
+        name = f"partition {partition_id}"
+        return Node(cfg, dataset.catalog, users, state, name, partition_id, device=False)
 
     if STATE_DIR not in node_config:
         raise ValueError(f"A device needs '{STATE_DIR}' in its node config (fedrec-client join).")
@@ -120,7 +122,8 @@ def node_of(context: Context, base: Config, msg: Message | None = None) -> Node:
                 f"{len(catalog)} items) differs from the server's: install the catalog file "
                 "the server uses, so that item ids mean the same on both sides."
             )
-    return Node(cfg, catalog, list(splits), state, f"node {context.node_id}", context.node_id)
+    name = f"node {context.node_id}"
+    return Node(cfg, catalog, list(splits), state, name, context.node_id, device=True)
 
 
 def _global_model(node: Node, msg: Message):
@@ -133,7 +136,7 @@ def _global_model(node: Node, msg: Message):
 def train_handler(msg: Message, context: Context, base: Config) -> Message:
     """Train the adapters on this node's interactions and reply with them."""
     start = time.perf_counter()
-    startup_s = time.time() - psutil.Process().create_time()  # a fresh process per message
+    process_age_s = time.time() - psutil.Process().create_time()
     # 1. Config, this node's data and its frozen item states (from the disk cache)
     node = node_of(context, base, msg)
     cfg = node.cfg
@@ -179,7 +182,6 @@ def train_handler(msg: Message, context: Context, base: Config) -> Message:
         "declined": 0,
         "train-loss": result.loss if math.isfinite(result.loss) else 0.0,
         "steps": result.steps,
-        "startup-s": startup_s,
         "cache-load-s": loaded - start,
         "model-load-s": built - loaded,
         "train-s": trained - built,
@@ -187,6 +189,8 @@ def train_handler(msg: Message, context: Context, base: Config) -> Message:
         "update-s": time.perf_counter() - start,
         "peak-rss-mb": peak_rss_mb(),
     }
+    if node.device:  # a fresh process per message: its start-up (imports) is per round too
+        metrics["startup-s"] = process_age_s
     if result.epsilon is not None:
         metrics["epsilon"] = result.epsilon
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)

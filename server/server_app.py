@@ -186,7 +186,12 @@ def push_model(
 ) -> dict[str, Any]:
     """Send a global model to every connected node to install; who installed it and who not."""
     nodes = sorted(grid.get_node_ids())
-    config = ConfigRecord({"metadata": json.dumps(metadata, default=str)})
+    config = ConfigRecord(
+        {
+            "metadata": json.dumps(metadata, default=str),
+            "catalog-sha256": metadata["catalog_sha256"],  # the device checks its catalog
+        }
+    )
     messages = [
         Message(
             RecordDict({"arrays": arrays, "config": config}),

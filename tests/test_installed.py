@@ -1,17 +1,22 @@
-"""A device's installed model: atomic installs, the pointer, pruning, loading."""
+"""A device: its own files and state directory, and atomic installs of the pushed model."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app.message import make_message
 
 from client import installed
+from client.client_app import node_of
 from client.device import status
+from common.config import Config
 from common.weights import trainable_state
-from tests.fixtures import make_tiny_backbone
+from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
 from tests.tiny import NUM_ITEMS, tiny_config
 
 
@@ -62,3 +67,39 @@ def test_a_bad_version_name_or_missing_model_is_a_clear_error(tmp_path, model_an
     with pytest.raises(FileNotFoundError, match="r0009-gone"):
         installed.installed_dir(tmp_path / "s")
     assert json.loads(json.dumps(meta("ok")))["version"] == "ok"
+
+
+def device_context(tmp_path: Path, data: Path) -> Context:
+    node_config = {
+        "data-path": str(data / "interactions.csv"),
+        "catalog-path": str(data / "items.csv"),
+        "state-dir": str(tmp_path / "state"),
+    }
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def message_with(config: dict) -> Message:
+    meta = Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=0,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
+    return make_message(metadata=meta, content=RecordDict({"config": ConfigRecord(config)}))
+
+
+def test_a_device_reads_its_own_files_and_refuses_another_catalog(tmp_path: Path) -> None:
+    data = make_synthetic_dataset(tmp_path / "data", num_users=5)
+    context = device_context(tmp_path, data)
+    node = node_of(context, Config(), None)
+    assert node.device and len(node.users) == 5 and len(node.catalog) == 60
+    assert node.cfg.cache_dir == str(tmp_path / "state" / "cache")  # caches live in state
+    same = message_with({"catalog-sha256": node.catalog.fingerprint()})
+    assert node_of(context, Config(), same).catalog.fingerprint() == node.catalog.fingerprint()
+    with pytest.raises(ValueError, match="catalog .* differs from the server's"):
+        node_of(context, Config(), message_with({"catalog-sha256": "0" * 64}))
