@@ -1,0 +1,334 @@
+"""Recommendations on a device, in real time, fresh without retraining.
+
+    rec = LocalRecommender.load("state/models/r0005-...", catalog=catalog)   # or .installed(state)
+    rec.recommend(["50", "172", "133"], k=10)      # [Recommendation(item_id, title, score), ...]
+    rec.add_items({"new-1": "A space opera. Genres: Sci-Fi"})    # recommendable at once
+    rec.reload()                                   # a newer installed model, requests keep going
+
+The index holds one vector per item, computed once from the frozen-backbone states of the
+catalog (the disk cache training built). A request runs only the small user tower over the
+last `history-len` items and one matrix-vector product over the index; a new item costs one
+backbone pass over its text and one item-tower pass. Every request reads one immutable
+snapshot (model, index, ids), and writers swap in a new snapshot under a lock, so a reload or
+an add never blocks or breaks a request in flight.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from client.installed import installed_dir
+from common.backbone import ItemStates, cached_item_states, encode_items, load_backbone
+from common.config import Config
+from common.data import Catalog
+from common.model import Recommender
+from common.train import item_vectors, pooled_table
+from common.weights import load_model_dir, load_trainable_state
+
+QUANTIZE = ("none", "int8")
+TITLE_CHARS = 80
+
+
+class UnknownItems(KeyError):
+    """Item ids that are not in the index."""
+
+    def __init__(self, ids: Sequence[str]):
+        self.ids = list(ids)
+        shown = ", ".join(repr(i) for i in self.ids[:10])
+        more = f" and {len(self.ids) - 10} more" if len(self.ids) > 10 else ""
+        super().__init__(f"Unknown item id(s): {shown}{more}.")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    item_id: str
+    title: str
+    score: float
+
+
+def title_of(text: str) -> str:
+    """A display title from an item text ("Title (Year). Genres: ..." -> "Title (Year)")."""
+    title = text.split(". Genres:", 1)[0].strip()
+    return title if len(title) <= TITLE_CHARS else title[: TITLE_CHARS - 1] + "…"
+
+
+def pick_device(device: str) -> torch.device:
+    """ "auto": the GPU where one is available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """Everything a request reads; replaced whole, never changed."""
+
+    model: Recommender
+    cfg: Config
+    metadata: dict[str, Any]
+    item_ids: tuple[str, ...]
+    titles: tuple[str, ...]
+    positions: dict[str, int]  # item id -> row of vectors
+    vectors: torch.Tensor  # (N, D) on the device
+
+
+class LocalRecommender:
+    """Recommendations from one model directory over a catalog (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        device: str = "auto",
+        quantize: str = "none",
+        cache_dir: str | Path | None = None,
+        backbone: str | None = None,
+        state_dir: Path | None = None,
+    ):
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}.")
+        self.catalog = catalog
+        self.device = pick_device(device)
+        self.quantize = quantize
+        self.cache_dir = cache_dir
+        self.backbone_override = backbone
+        self.state_dir = state_dir
+        self.model_dir: Path | None = None
+        self._added: dict[str, str] = {}  # items added since the catalog: kept across reloads
+        self._lock = threading.Lock()  # writers only; readers take the current snapshot
+        self._snapshot: _Snapshot | None = None
+
+    # --- loading ------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, catalog: Catalog, **options) -> LocalRecommender:
+        """A recommender over a model directory (models/final, or an installed version)."""
+        rec = cls(catalog=catalog, **options)
+        rec.reload(model_dir)
+        return rec
+
+    @classmethod
+    def installed(cls, state_dir: str | Path, *, catalog: Catalog, **options) -> LocalRecommender:
+        """The model installed in a device's state directory; `reload()` follows new installs."""
+        state_dir = Path(state_dir)
+        path = installed_dir(state_dir)
+        if path is None:
+            raise FileNotFoundError(f"No model is installed in {state_dir}.")
+        options.setdefault("cache_dir", state_dir / "cache")
+        rec = cls(catalog=catalog, state_dir=state_dir, **options)
+        rec.reload(path)
+        return rec
+
+    def reload(self, model_dir: str | Path | None = None) -> bool:
+        """Load a model directory (default: the device's newest install) and swap it in.
+
+        Returns False when that model is already loaded. Requests in flight finish on the
+        old snapshot; the next one uses the new model.
+        """
+        if model_dir is None:
+            if self.state_dir is None:
+                raise ValueError("reload() without a path needs a state directory.")
+            model_dir = installed_dir(self.state_dir)
+            if model_dir is None:
+                return False
+        model_dir = Path(model_dir)
+        with self._lock:
+            if self._snapshot is not None and self.model_dir == model_dir.resolve():
+                return False
+            snapshot = self._build(model_dir)
+            self._snapshot, self.model_dir = snapshot, model_dir.resolve()
+            return True
+
+    def _build(self, model_dir: Path) -> _Snapshot:
+        state, metadata = load_model_dir(model_dir)
+        cfg = Config.from_mapping(metadata["config"])
+        if self.backbone_override is not None:
+            cfg = cfg.replace(backbone=self.backbone_override)
+        if self.cache_dir is not None:
+            cfg = cfg.replace(cache_dir=str(self.cache_dir))
+        expected = metadata.get("catalog_sha256")
+        if expected and expected != self.catalog.fingerprint():
+            raise ValueError(
+                f"The model in {model_dir} was trained on another catalog (sha256 "
+                f"{expected[:12]}…, {metadata.get('catalog_items')} items) than the one given "
+                f"({self.catalog.fingerprint()[:12]}…, {len(self.catalog)} items)."
+            )
+        from common.task import build_model  # the data layer, only needed here
+
+        model = build_model(cfg, num_items=int(metadata["catalog_items"]))
+        load_trainable_state(model, state)
+        model.eval()
+        states = cached_item_states(
+            load_backbone(cfg.backbone),
+            list(self.catalog.texts),
+            self.catalog.fingerprint(),
+            k=cfg.adapter_k,
+            max_tokens=cfg.max_tokens,
+            cache_dir=cfg.cache_path,
+        )
+        with torch.inference_mode():
+            vectors = item_vectors(model, states)  # (N, D), fp32 reference before quantizing
+        if self.quantize == "int8":
+            model = _quantized(model)
+        model = model.to(self.device)
+        ids, titles = self.catalog.item_ids, tuple(title_of(t) for t in self.catalog.texts)
+        snapshot = _Snapshot(
+            model=model,
+            cfg=cfg,
+            metadata=metadata,
+            item_ids=ids,
+            titles=titles,
+            positions={item: i for i, item in enumerate(ids)},
+            vectors=vectors.to(self.device),
+        )
+        if self._added:  # items added to the previous model stay recommendable
+            snapshot = self._with_items(snapshot, self._added)
+        return snapshot
+
+    # --- freshness ----------------------------------------------------------------------
+
+    def add_items(self, items: Mapping[str, str]) -> dict[str, int]:
+        """Add items (id -> text), or replace the text of existing ones; recommendable at once.
+
+        Returns {"added": n, "updated": m}.
+        """
+        clean = {}
+        for item_id, text in items.items():
+            if not str(item_id).strip() or not str(text).strip():
+                raise ValueError("Every added item needs a non-empty id and text.")
+            clean[str(item_id)] = str(text)
+        with self._lock:
+            snapshot = self._current()
+            updated = sum(1 for i in clean if i in snapshot.positions)
+            self._snapshot = self._with_items(snapshot, clean)
+            self._added.update(clean)
+        return {"added": len(clean) - updated, "updated": updated}
+
+    def _with_items(self, snapshot: _Snapshot, items: Mapping[str, str]) -> _Snapshot:
+        """A new snapshot with these items' vectors computed from their text."""
+        cfg = snapshot.cfg
+        texts = list(items.values())
+        states = encode_items(
+            load_backbone(cfg.backbone), texts, k=cfg.adapter_k, max_tokens=cfg.max_tokens
+        )
+        positions = dict(snapshot.positions)
+        item_ids, titles = list(snapshot.item_ids), list(snapshot.titles)
+        rows = []
+        for item_id, text in items.items():
+            if item_id not in positions:
+                positions[item_id] = len(item_ids)
+                item_ids.append(item_id)
+                titles.append("")
+            titles[positions[item_id]] = title_of(text)
+            rows.append(positions[item_id])
+        model = snapshot.model
+        with torch.inference_mode():
+            on_device = ItemStates(states.states.to(self.device), states.mask.to(self.device))
+            pooled = pooled_table(model, on_device)  # (M, H)
+            # an item the model knows keeps its id embedding; a new one is its text alone
+            ids = torch.tensor(rows)
+            new = self._vectors(model, pooled.to(self.device), ids.to(self.device))
+            vectors = snapshot.vectors
+            if len(item_ids) > vectors.shape[0]:
+                grow = len(item_ids) - vectors.shape[0]
+                vectors = torch.cat([vectors, vectors.new_zeros(grow, vectors.shape[1])])
+            else:
+                vectors = vectors.clone()
+            vectors[ids.to(self.device)] = new
+        return _Snapshot(
+            model=model,
+            cfg=cfg,
+            metadata=snapshot.metadata,
+            item_ids=tuple(item_ids),
+            titles=tuple(titles),
+            positions=positions,
+            vectors=vectors,
+        )
+
+    @staticmethod
+    def _vectors(model: Recommender, pooled: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return model.items.head(pooled[None], ids[None])[0]  # (M, D)
+
+    # --- recommending -------------------------------------------------------------------
+
+    def recommend(
+        self, history: Sequence[str], k: int = 10, *, exclude_seen: bool = True
+    ) -> list[Recommendation]:
+        """The top-k items for one history (oldest first); seen items excluded by default."""
+        return self.recommend_batch([history], k, exclude_seen=exclude_seen)[0]
+
+    def recommend_batch(
+        self, histories: Sequence[Sequence[str]], k: int = 10, *, exclude_seen: bool = True
+    ) -> list[list[Recommendation]]:
+        """The top-k items for each history, in one pass of the user tower."""
+        snap = self._current()
+        unknown = sorted({i for h in histories for i in h if i not in snap.positions})
+        if unknown:
+            raise UnknownItems(unknown)
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}.")
+        length = snap.cfg.history_len
+        padded = np.full((len(histories), length), -1, dtype=np.int64)  # left-padded
+        for row, history in enumerate(histories):
+            recent = [snap.positions[i] for i in history][-length:]
+            if recent:
+                padded[row, length - len(recent) :] = recent
+        with torch.inference_mode():
+            hist = torch.from_numpy(padded).to(self.device)
+            valid = hist >= 0
+            h = snap.vectors[hist.clamp(min=0)] * valid.unsqueeze(-1)  # (B, L, D)
+            users = snap.model.user(h, valid)  # (B, D)
+            scores = users @ snap.vectors.T  # (B, N)
+            if exclude_seen:
+                for row, history in enumerate(histories):
+                    seen = [snap.positions[i] for i in history]
+                    if seen:
+                        scores[row, seen] = -torch.inf
+            top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        values, indices = top.values.cpu().numpy(), top.indices.cpu().numpy()
+        return [
+            [
+                Recommendation(snap.item_ids[i], snap.titles[i], float(v))
+                for v, i in zip(values[row], indices[row], strict=True)
+                if np.isfinite(v)
+            ]
+            for row in range(len(histories))
+        ]
+
+    # --- what is loaded -----------------------------------------------------------------
+
+    def _current(self) -> _Snapshot:
+        if self._snapshot is None:
+            raise RuntimeError("No model is loaded: call reload(model_dir) first.")
+        return self._snapshot
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self._current().metadata
+
+    @property
+    def num_items(self) -> int:
+        return len(self._current().item_ids)
+
+    def has_item(self, item_id: str) -> bool:
+        return item_id in self._current().positions
+
+
+def _quantized(model: Recommender) -> Recommender:
+    """Dynamic int8 quantization of the Linear layers of the user tower and item head."""
+    quantize = torch.ao.quantization.quantize_dynamic
+    model.user = quantize(model.user, {nn.Linear}, dtype=torch.qint8)
+    model.items.adapter = quantize(model.items.adapter, {nn.Linear}, dtype=torch.qint8)
+    model.items.proj = quantize(nn.Sequential(model.items.proj), {nn.Linear}, dtype=torch.qint8)[0]
+    return model
