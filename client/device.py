@@ -4,6 +4,8 @@
     fedrec-client join --superlink fedrec.example.org:8000 --root-certificates ca.crt \\
         --key phone-1.key --data my-interactions.csv --catalog items.csv --state-dir state
     fedrec-client status --state-dir state                 # installed model, privacy spent
+    fedrec-client recommend --state-dir state --history 50,172,133 -k 10
+    fedrec-client serve --state-dir state --port 8080      # HTTP API; docs at /docs
 
 `join` checks the device's files first (a malformed row names its file and line), then runs a
 Flower SuperNode in the foreground until it is stopped (Ctrl-C or SIGTERM stop it and every
@@ -150,6 +152,79 @@ def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
+def open_recommender(args: argparse.Namespace):
+    """The recommender over --model or the model installed in --state-dir."""
+    from client.recommender import LocalRecommender  # torch and the model: only for these
+    from common.config import Config
+    from common.data import load_catalog
+    from common.task import load_run_catalog
+
+    if (args.model is None) == (args.state_dir is None):
+        raise ConfigError("Give exactly one of --model DIR and --state-dir DIR.")
+    model_dir = args.model
+    if args.state_dir is not None:
+        from client.installed import installed_dir
+
+        model_dir = installed_dir(args.state_dir)
+        if model_dir is None:
+            raise ConfigError(f"No model is installed in {args.state_dir} yet.")
+    meta_file = Path(model_dir) / "fedrec.json"
+    if not meta_file.exists():
+        raise ConfigError(f"{model_dir} is not a fedrec model directory (no fedrec.json).")
+    if args.catalog is not None:
+        catalog = load_catalog(args.catalog)
+    else:  # the catalog the model was trained on, where this machine has it
+        catalog = load_run_catalog(Config.from_mapping(json.loads(meta_file.read_text())["config"]))
+    options = {"device": args.device, "quantize": args.quantize}
+    if args.backbone:
+        options["backbone"] = args.backbone
+    if args.state_dir is not None:
+        return LocalRecommender.installed(args.state_dir, catalog=catalog, **options)
+    return LocalRecommender.load(model_dir, catalog=catalog, **options)
+
+
+def recommend(args: argparse.Namespace) -> int:
+    """Print a ranked list for one history."""
+    from client.recommender import UnknownItems
+
+    rec = open_recommender(args)
+    history = [i.strip() for i in args.history.split(",") if i.strip()]
+    try:
+        items = rec.recommend(history, args.k, exclude_seen=not args.include_seen)
+    except UnknownItems as exc:
+        print(f"error: {exc} Item ids are the catalog's (first column).", file=sys.stderr)
+        return 2
+    meta = rec.metadata
+    print(
+        f"Model {meta.get('version', '?')} (round {meta.get('round', '?')}), "
+        f"{rec.num_items} items; history of {len(history)} item(s)."
+    )
+    width = max([len("item"), *(len(r.item_id) for r in items)])
+    print(f"{'#':>3}  {'item':<{width}}  {'score':>8}  title")
+    for rank, r in enumerate(items, start=1):
+        print(f"{rank:>3}  {r.item_id:<{width}}  {r.score:>8.3f}  {r.title}")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the HTTP service until stopped."""
+    import uvicorn
+
+    from client.service import create_service
+
+    rec = open_recommender(args)
+    watch = args.watch_s if args.state_dir is not None and args.watch_s > 0 else None
+    app = create_service(rec, watch_s=watch)
+    print(
+        f"Serving model {rec.metadata.get('version')} ({rec.num_items} items) on "
+        f"http://{args.host}:{args.port} (docs at /docs)"
+        + (f"; new installs are loaded every {watch:g} s" if watch else ""),
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -202,6 +277,43 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
     show = sub.add_parser("status", help="installed model version, privacy spent, disk use")
     show.add_argument("--state-dir", type=Path, required=True)
+
+    for name, text in (
+        ("recommend", "print the top-k items for a history"),
+        ("serve", "serve recommendations over HTTP (FastAPI)"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--model", type=Path, help="a model directory (e.g. models/final)")
+        cmd.add_argument(
+            "--state-dir", type=Path, help="use the model installed in this device state"
+        )
+        cmd.add_argument(
+            "--catalog",
+            type=Path,
+            help="the item catalog (default: the one the model was trained on)",
+        )
+        cmd.add_argument("--device", default="auto", help="auto (GPU if available) | cpu | cuda")
+        cmd.add_argument(
+            "--quantize", default="none", choices=("none", "int8"), help="dynamic int8 on CPU"
+        )
+        cmd.add_argument("--backbone", help="path of the backbone (default: the model's)")
+        if name == "recommend":
+            cmd.add_argument(
+                "--history", required=True, metavar="ID,ID,...", help="item ids, oldest first"
+            )
+            cmd.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+            cmd.add_argument(
+                "--include-seen", action="store_true", help="do not exclude history items"
+            )
+        else:
+            cmd.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+            cmd.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+            cmd.add_argument(
+                "--watch-s",
+                type=float,
+                default=10.0,
+                help="with --state-dir: check for a newer installed model this often (0: never)",
+            )
     return parser.parse_args(argv)
 
 
@@ -220,6 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             print(json.dumps(status(args.state_dir), indent=2, default=str))
             return 0
+        if args.command == "recommend":
+            return recommend(args)
+        if args.command == "serve":
+            return serve(args)
         return join(args)
     except (ConfigError, DataError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -205,3 +205,25 @@ def test_a_model_of_another_catalog_is_refused(with_ids) -> None:
     other = catalog_of(cfg).with_items({"extra": "an extra item"})
     with pytest.raises(ValueError, match="another catalog"):
         LocalRecommender.load(model_dir, catalog=other, device="cpu")
+
+
+def test_the_recommend_command_prints_a_ranked_list(with_ids, capsys) -> None:
+    from client.device import main
+
+    model_dir, cfg = with_ids
+    args = ["recommend", "--model", str(model_dir), "--catalog", cfg.data_path]
+    assert main([*args, "--history", "i0,i6,i12", "-k", "3", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Model r0001-test") and out[1].split() == [
+        "#",
+        "item",
+        "score",
+        "title",
+    ]
+    assert [line.split()[0] for line in out[2:]] == ["1", "2", "3"]
+    expected = LocalRecommender.load(model_dir, catalog=catalog_of(cfg), device="cpu")
+    assert [line.split()[1] for line in out[2:]] == [
+        r.item_id for r in expected.recommend(["i0", "i6", "i12"], k=3)
+    ]
+    assert main([*args, "--history", "i0,nope"]) == 2
+    assert "Unknown item id(s): 'nope'" in capsys.readouterr().err
