@@ -175,7 +175,7 @@ def open_recommender(args: argparse.Namespace):
         catalog = load_catalog(args.catalog)
     else:  # the catalog the model was trained on, where this machine has it
         catalog = load_run_catalog(Config.from_mapping(json.loads(meta_file.read_text())["config"]))
-    options = {"device": args.device, "quantize": args.quantize}
+    options = {"device": args.device, "quantize": args.quantize, "runtime": args.runtime}
     if args.backbone:
         options["backbone"] = args.backbone
     if args.state_dir is not None:
@@ -294,7 +294,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         )
         cmd.add_argument("--device", default="auto", help="auto (GPU if available) | cpu | cuda")
         cmd.add_argument(
-            "--quantize", default="none", choices=("none", "int8"), help="dynamic int8 on CPU"
+            "--runtime",
+            default="auto",
+            choices=("auto", "torch", "onnx"),
+            help="user tower on ONNX Runtime or PyTorch (auto: ONNX Runtime on CPU)",
+        )
+        cmd.add_argument(
+            "--quantize",
+            default="none",
+            choices=("none", "int8"),
+            help="dynamic int8 (PyTorch on CPU; slower here, see the README)",
         )
         cmd.add_argument("--backbone", help="path of the backbone (default: the model's)")
         if name == "recommend":

@@ -34,6 +34,7 @@ from common.train import item_vectors, pooled_table
 from common.weights import load_model_dir, load_trainable_state
 
 QUANTIZE = ("none", "int8")
+RUNTIMES = ("auto", "torch", "onnx")
 TITLE_CHARS = 80
 
 
@@ -70,11 +71,62 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+class OnnxUserTower:
+    """The user tower exported to ONNX and run by ONNX Runtime on the CPU.
+
+    One intra-op thread: a 50 x 64 history is too small to split, and a single thread keeps
+    the tail latency flat when other work shares the cores (simulations/results/latency.json).
+    """
+
+    def __init__(self, tower: nn.Module, *, threads: int = 1):
+        import io
+        import warnings
+
+        import onnxruntime as ort
+
+        d = tower.positions.embedding_dim
+        length = tower.positions.num_embeddings
+        items = torch.zeros(2, length, d)
+        valid = torch.ones(2, length, dtype=torch.bool)
+        graph = io.BytesIO()
+        with warnings.catch_warnings():  # the tracer's notes on Python scalars
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                tower.eval(),
+                (items, valid),
+                graph,
+                dynamo=False,
+                input_names=["items", "valid"],
+                output_names=["user"],
+                dynamic_axes={"items": {0: "batch"}, "valid": {0: "batch"}, "user": {0: "batch"}},
+                opset_version=17,
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            graph.getvalue(), options, providers=["CPUExecutionProvider"]
+        )
+
+    def __call__(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        feed = {"items": items.numpy(), "valid": valid.numpy()}
+        return torch.from_numpy(self.session.run(None, feed)[0])  # (B, D)
+
+
+def onnx_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class _Snapshot:
     """Everything a request reads; replaced whole, never changed."""
 
     model: Recommender
+    user: Any  # the user tower: the model's own, or its ONNX Runtime session
     cfg: Config
     metadata: dict[str, Any]
     item_ids: tuple[str, ...]
@@ -92,15 +144,24 @@ class LocalRecommender:
         catalog: Catalog,
         device: str = "auto",
         quantize: str = "none",
+        runtime: str = "auto",
         cache_dir: str | Path | None = None,
         backbone: str | None = None,
         state_dir: Path | None = None,
     ):
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}.")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}.")
         self.catalog = catalog
         self.device = pick_device(device)
         self.quantize = quantize
+        if runtime == "auto":  # ONNX Runtime on CPU: it measured fastest there
+            cpu = self.device.type == "cpu"
+            runtime = "onnx" if cpu and quantize == "none" and onnx_available() else "torch"
+        if runtime == "onnx" and (self.device.type != "cpu" or quantize != "none"):
+            raise ValueError("runtime='onnx' runs the fp32 model on the CPU only.")
+        self.runtime = runtime
         self.cache_dir = cache_dir
         self.backbone_override = backbone
         self.state_dir = state_dir
@@ -182,9 +243,11 @@ class LocalRecommender:
         if self.quantize == "int8":
             model = _quantized(model)
         model = model.to(self.device)
+        user = OnnxUserTower(model.user) if self.runtime == "onnx" else model.user
         ids, titles = self.catalog.item_ids, tuple(title_of(t) for t in self.catalog.texts)
         snapshot = _Snapshot(
             model=model,
+            user=user,
             cfg=cfg,
             metadata=metadata,
             item_ids=ids,
@@ -248,6 +311,7 @@ class LocalRecommender:
             vectors[ids.to(self.device)] = new
         return _Snapshot(
             model=model,
+            user=snapshot.user,
             cfg=cfg,
             metadata=snapshot.metadata,
             item_ids=tuple(item_ids),
@@ -288,7 +352,7 @@ class LocalRecommender:
             hist = torch.from_numpy(padded).to(self.device)
             valid = hist >= 0
             h = snap.vectors[hist.clamp(min=0)] * valid.unsqueeze(-1)  # (B, L, D)
-            users = snap.model.user(h, valid)  # (B, D)
+            users = snap.user(h, valid)  # (B, D)
             scores = users @ snap.vectors.T  # (B, N)
             if exclude_seen:
                 for row, history in enumerate(histories):

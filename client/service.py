@@ -153,6 +153,7 @@ def create_service(
             "items": recommender.num_items,
             "model_dir": str(recommender.model_dir),
             "quantize": recommender.quantize,
+            "runtime": recommender.runtime,
             "device": str(recommender.device),
         }
 

@@ -151,9 +151,11 @@ class UserTower(nn.Module):
         b, t, _ = items.shape
         pos = torch.arange(t, device=items.device).expand(b, t)  # (B, L)
         x = items + self.positions(pos)
-        causal = torch.ones(t, t, dtype=torch.bool, device=items.device).tril()
+        # masks built in float, then compared: ONNX Runtime has no boolean EyeLike or Trilu
+        ones = torch.ones(t, t, device=items.device)
+        causal = ones.tril() > 0
         allowed = causal[None] & valid[:, None, :]  # (B, L, L)
-        allowed = allowed | torch.eye(t, dtype=torch.bool, device=items.device)[None]
+        allowed = allowed | (torch.eye(t, device=items.device) > 0)[None]
         for block in self.blocks:
             x = block(x, allowed)
         return self.norm(x[:, -1])  # left padding: the newest item is always last

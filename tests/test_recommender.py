@@ -227,3 +227,18 @@ def test_the_recommend_command_prints_a_ranked_list(with_ids, capsys) -> None:
     ]
     assert main([*args, "--history", "i0,nope"]) == 2
     assert "Unknown item id(s): 'nope'" in capsys.readouterr().err
+
+
+def test_onnx_runtime_ranks_like_torch(with_ids) -> None:
+    model_dir, cfg = with_ids
+    catalog = catalog_of(cfg)
+    default = LocalRecommender.load(model_dir, catalog=catalog, device="cpu")
+    assert default.runtime == "onnx"  # the CPU default: it measured fastest
+    eager = LocalRecommender.load(model_dir, catalog=catalog, device="cpu", runtime="torch")
+    histories = [["i0", "i6", "i12"], ["i3"], []]
+    answers = default.recommend_batch(histories, k=10), eager.recommend_batch(histories, k=10)
+    for a, b in zip(*answers, strict=True):
+        assert [r.item_id for r in a] == [r.item_id for r in b]
+        assert np.allclose([r.score for r in a], [r.score for r in b], atol=1e-5)
+    with pytest.raises(ValueError, match="CPU only"):
+        LocalRecommender.load(model_dir, catalog=catalog, quantize="int8", runtime="onnx")
