@@ -105,8 +105,12 @@ def encode_items(
         raise ValueError(
             f"adapter-k={k} exceeds the backbone's {backbone.num_layers} transformer blocks."
         )
-    chunks, masks = [], []
-    for start in range(0, len(texts), batch_size):
+    n, width = len(texts), backbone.hidden_size
+    # Preallocated outputs, filled in place: a list of small per-batch tensors interleaved
+    # with the large freed activations fragments the heap (RSS grew ~1.6 GB per 10k items).
+    states = torch.empty((n, width) if k == 0 else (n, max_tokens, width))
+    masks = torch.zeros(n, max_tokens, dtype=torch.bool)
+    for start in range(0, n, batch_size):
         batch = backbone.tokenizer(
             texts[start : start + batch_size],
             padding="max_length",
@@ -117,14 +121,12 @@ def encode_items(
         out = backbone.model(**batch, output_hidden_states=True)
         mask = batch["attention_mask"].bool()  # (b, T)
         # hidden_states[i] is the input of block i; hidden_states[L] is the final output.
-        states = out.hidden_states[backbone.num_layers - k]  # (b, T, H)
-        chunks.append(mean_pool(states, mask) if k == 0 else states)
-        masks.append(mask)
-    empty = torch.zeros(0, backbone.hidden_size)
-    return ItemStates(
-        states=torch.cat(chunks) if chunks else empty,
-        mask=torch.cat(masks) if masks else torch.zeros(0, max_tokens, dtype=torch.bool),
-    )
+        hidden = out.hidden_states[backbone.num_layers - k]  # (b, T, H)
+        end = start + hidden.shape[0]
+        states[start:end] = mean_pool(hidden, mask) if k == 0 else hidden
+        masks[start:end] = mask
+        del out, hidden
+    return ItemStates(states=states, mask=masks)
 
 
 def cache_key(backbone: Backbone, catalog_fingerprint: str, *, k: int, max_tokens: int) -> str:
