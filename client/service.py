@@ -46,7 +46,9 @@ def create_service(
 ) -> FastAPI:
     """The FastAPI app over one recommender; with watch_s, new installs are picked up."""
     limits = limits or Limits()
-    ItemId = Annotated[str, StringConstraints(min_length=1, max_length=limits.item_id_chars)]
+    ItemId = Annotated[
+        str, StringConstraints(min_length=1, max_length=limits.item_id_chars, pattern=r"\S")
+    ]
 
     class RecommendRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -133,6 +135,10 @@ def create_service(
     @app.exception_handler(UnknownItems)
     async def unknown(request: Request, exc: UnknownItems) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc), "unknown_items": exc.ids})
+
+    @app.exception_handler(ValueError)
+    async def invalid(request: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
 
     def version() -> str | None:
         return recommender.metadata.get("version")

@@ -332,17 +332,7 @@ class FlowerProcess:
     def _with_our_home(self) -> list[int]:
         """Live processes whose environment holds this process's FLWR_HOME."""
         home = self.env.get("FLWR_HOME")
-        if not home:
-            return []
-        marker = f"FLWR_HOME={home}".encode()
-        found = []
-        for environ in Path("/proc").glob("[0-9]*/environ"):
-            try:
-                if marker in environ.read_bytes().split(b"\0"):
-                    found.append(int(environ.parent.name))
-            except OSError:  # gone, or not ours to read
-                continue
-        return [pid for pid in found if pid != os.getpid() and _alive(pid)]
+        return processes_with_env("FLWR_HOME", home) if home else []
 
     def kill(self) -> None:
         """SIGKILL the whole group at once: a crash, not a shutdown."""
@@ -439,6 +429,19 @@ class SuperNode(FlowerProcess):
             command += ["--max-wait-time", str(max_wait_s)]
         command += ["--port", str(port), "--node-config", to_config_string(node_config)]
         super().__init__(command=command, env=env, log_path=log_path)
+
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Live processes (other than this one) whose environment sets key=value."""
+    marker = f"{key}={value}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return [pid for pid in found if pid != os.getpid() and _alive(pid)]
 
 
 def _descendants(pid: int) -> list[int]:

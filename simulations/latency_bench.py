@@ -118,30 +118,31 @@ def synthetic_catalog(n: int, seed: int = 0) -> Catalog:
 def ml100k_model(work: Path, cfg: Config, epochs: int) -> tuple[Path, Catalog, list, str]:
     """A model trained centrally on ML-100K's train split; its directory and test cases."""
     dataset, splits = load_data(cfg)
+    splits = list(splits)
     model = build_model(cfg, num_items=len(dataset.catalog))
     items = item_states(cfg, dataset.catalog)
     start = time.perf_counter()
     train(
         model=model,
         cfg=cfg,
-        examples=train_examples(cfg, list(splits)),
+        examples=train_examples(cfg, splits),
         items=items,
         epochs=epochs,
         seed=cfg.seed,
     )
     seconds = time.perf_counter() - start
     note = f"trained here: {epochs} epoch(s) on the train split, {seconds:.0f} s"
-    path = save_model_dir(
-        work / "ml100k-model",
-        state=trainable_state(model),
-        cfg=cfg,
-        metadata={
-            "version": "latency-bench",
-            "catalog_sha256": dataset.catalog.fingerprint(),
-            "catalog_items": len(dataset.catalog),
-        },
-    )
-    return path, dataset.catalog, list(splits), note
+    return save(work / "ml100k-model", model, cfg, dataset.catalog), dataset.catalog, splits, note
+
+
+def save(path: Path, model, cfg: Config, catalog: Catalog) -> Path:
+    """A model directory the recommender accepts for this catalog."""
+    metadata = {
+        "version": "latency-bench",
+        "catalog_sha256": catalog.fingerprint(),
+        "catalog_items": len(catalog),
+    }
+    return save_model_dir(path, state=trainable_state(model), cfg=cfg, metadata=metadata)
 
 
 def ranking_quality(rec: LocalRecommender, catalog: Catalog, splits: list) -> dict[str, float]:
@@ -209,16 +210,7 @@ def run_catalog(name: str, work: Path, *, device: str, repeat: int, epochs: int)
         item_states(cfg, catalog)  # the one-time frozen-backbone cache of the catalog
         cache_s = time.perf_counter() - start
         model = build_model(cfg, num_items=len(catalog))
-        model_dir = save_model_dir(
-            work / "synthetic-model",
-            state=trainable_state(model),
-            cfg=cfg,
-            metadata={
-                "version": "latency-bench",
-                "catalog_sha256": catalog.fingerprint(),
-                "catalog_items": len(catalog),
-            },
-        )
+        model_dir = save(work / "synthetic-model", model, cfg, catalog)
     rng = random.Random(0)
     if splits is not None:  # real histories: each user's last 50 training items
         histories = [[catalog.item_ids[i] for i in u.train[-HISTORY:]] for u in splits]

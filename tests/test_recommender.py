@@ -17,19 +17,9 @@ from common.task import build_model, item_states, load_data, train_examples
 from common.train import item_vectors, left_pad, train, user_vectors
 from common.weights import save_model_dir, trainable_state
 from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
+from tests.tiny import TINY_CONFIG
 
-TINY = dict(
-    model_dim=16,
-    bottleneck_dim=8,
-    history_len=6,
-    num_negatives=5,
-    batch_size=8,
-    user_layers=1,
-    user_heads=2,
-    max_tokens=8,
-    dropout=0.0,
-    learning_rate=0.01,
-)
+TINY = {**TINY_CONFIG, "max_tokens": 8, "learning_rate": 0.01}
 
 
 def trained(root: Path, **changes) -> tuple[Path, Config]:

@@ -66,6 +66,8 @@ def test_unknown_ids_and_limits_are_4xx_that_say_why(client: TestClient) -> None
     assert client.post("/items", json=long_text).status_code == 422
     blank = {"items": [{"item_id": "x", "text": "   "}]}
     assert client.post("/items", json=blank).status_code == 422
+    blank_id = {"items": [{"item_id": " ", "text": "a text"}]}  # found by the property test
+    assert client.post("/items", json=blank_id).status_code == 422
     huge = client.post(
         "/items",
         content=b"{" + b" " * LIMITS.body_bytes + b"}",

@@ -34,15 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pids_with_flwr_home(flwr_home: Path) -> list[int]:
-    marker = f"FLWR_HOME={flwr_home}".encode()
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker in environ.read_bytes().split(b"\0"):
-                found.append(int(environ.parent.name))
-        except OSError:  # gone, or not ours
-            continue
-    return [pid for pid in found if is_alive(pid)]
+    return runtime.processes_with_env("FLWR_HOME", str(flwr_home))
 
 
 def is_alive(pid: int) -> bool:

@@ -16,20 +16,23 @@ TOKENS = 5
 HIDDEN = 32
 
 
+# A tiny model: Config fields for tests that build one
+TINY_CONFIG = dict(
+    model_dim=16,
+    bottleneck_dim=8,
+    history_len=6,
+    num_negatives=5,
+    batch_size=8,
+    user_layers=1,
+    user_heads=2,
+    max_tokens=TOKENS,
+    lora_r=4,
+    dropout=0.0,
+)
+
+
 def tiny_config(**changes) -> Config:
-    base = dict(
-        model_dim=16,
-        bottleneck_dim=8,
-        history_len=6,
-        num_negatives=5,
-        batch_size=8,
-        user_layers=1,
-        user_heads=2,
-        max_tokens=TOKENS,
-        lora_r=4,
-        dropout=0.0,
-    )
-    return Config(**{**base, **changes})
+    return Config(**{**TINY_CONFIG, **changes})
 
 
 def tiny_bert(seed: int = 0) -> BertModel:
