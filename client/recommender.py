@@ -337,6 +337,8 @@ class LocalRecommender:
     ) -> list[list[Recommendation]]:
         """The top-k items for each history, in one pass of the user tower."""
         snap = self._current()
+        if not histories:
+            return []
         unknown = sorted({i for h in histories for i in h if i not in snap.positions})
         if unknown:
             raise UnknownItems(unknown)

@@ -101,6 +101,7 @@ def test_ranking_equals_the_evaluators_scores(with_ids) -> None:
     ):
         assert [r.item_id for r in batch] == [r.item_id for r in single]
         assert np.allclose([r.score for r in batch], [r.score for r in single], atol=1e-5)
+    assert rec.recommend_batch([], k=5) == []
 
 
 def test_unknown_ids_are_named(with_ids) -> None:
