@@ -182,7 +182,7 @@ class LocalRecommender:
     @classmethod
     def installed(cls, state_dir: str | Path, *, catalog: Catalog, **options) -> LocalRecommender:
         """The model installed in a device's state directory; `reload()` follows new installs."""
-        state_dir = Path(state_dir)
+        state_dir = Path(state_dir).expanduser()
         path = installed_dir(state_dir)
         if path is None:
             raise FileNotFoundError(f"No model is installed in {state_dir}.")
@@ -203,7 +203,7 @@ class LocalRecommender:
             model_dir = installed_dir(self.state_dir)
             if model_dir is None:
                 return False
-        model_dir = Path(model_dir)
+        model_dir = Path(model_dir).expanduser()
         with self._lock:
             if self._snapshot is not None and self.model_dir == model_dir.resolve():
                 return False
