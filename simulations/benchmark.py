@@ -285,11 +285,14 @@ def _fmt(value, pattern: str) -> str:
 
 def write_results(rows: list[dict], results_dir: Path, readme: Path = README) -> None:
     """The JSON rows, the markdown table and the README's results block."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / QUALITY_FILE).write_text(json.dumps(rows, indent=2) + "\n")
-    table = markdown_table(rows)
-    (results_dir / "quality_ml100k.md").write_text(table + "\n")
-    report.replace_block(readme, MARK_BEGIN, MARK_END, table)
+    report.write_results(
+        results_dir / QUALITY_FILE,
+        rows,
+        markdown_table(rows),
+        readme=readme,
+        begin=MARK_BEGIN,
+        end=MARK_END,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -211,11 +211,14 @@ def markdown(result: dict) -> str:
 
 
 def write(result: dict, results_dir: Path = RESULTS_DIR, readme: Path = README) -> None:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (results_dir / "deploy.md").write_text(table + "\n")
-    report.replace_block(readme, MARK_BEGIN, MARK_END, table)
+    report.write_results(
+        results_dir / RESULT_FILE,
+        result,
+        markdown(result),
+        readme=readme,
+        begin=MARK_BEGIN,
+        end=MARK_END,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -270,11 +270,14 @@ def _variant(row: dict) -> str:
 
 
 def write(result: dict) -> None:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    (RESULTS_DIR / "latency.md").write_text(table + "\n")
-    report.replace_block(README, MARK_BEGIN, MARK_END, table)
+    report.write_results(
+        RESULTS_DIR / RESULT_FILE,
+        result,
+        markdown(result),
+        readme=README,
+        begin=MARK_BEGIN,
+        end=MARK_END,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,6 +56,15 @@ ROUND_COLUMNS = (
 )
 
 
+def write_results(path: Path, data: Any, table: str, *, readme: Path, begin: str, end: str) -> None:
+    """A benchmark's results: the JSON file, its markdown table beside it (same name, .md)
+    and the README block between the begin and end markers."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    path.with_suffix(".md").write_text(table + "\n")
+    replace_block(readme, begin, end, table)
+
+
 def replace_block(path: Path, begin: str, end: str, text: str) -> bool:
     """Put text between the begin and end markers of a file (a README's results block)."""
     if not path.exists():
