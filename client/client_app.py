@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -35,10 +36,12 @@ from common.task import (
     load_data,
     load_device_data,
     partition_of,
-    train_examples,
+    reusable_model,
+    train_records,
 )
 from common.train import PrivacySettings, evaluate, train
-from common.weights import from_arrays, load_trainable_state, to_arrays, trainable_state
+from common.weights import load_trainable_state, trainable_state
+from common.wire import decode_weights, encode_update
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +130,16 @@ def node_of(context: Context, base: Config, msg: Message | None = None) -> Node:
 
 
 def _global_model(node: Node, msg: Message):
-    """The model with the global trainable tensors applied."""
-    model = build_model(node.cfg, num_items=len(node.catalog))
-    load_trainable_state(model, from_arrays(msg.content["arrays"]))
-    return model
+    """The model with the global trainable tensors applied, and those tensors (float32).
+
+    Non-private clients reuse their process's model (every trainable tensor is loaded below);
+    DP-SGD gets a fresh one, as Opacus leaves its own attributes on the parameters.
+    """
+    build = build_model if node.cfg.dp_enabled else reusable_model
+    model = build(node.cfg, num_items=len(node.catalog))
+    received = decode_weights(msg.content["arrays"])
+    load_trainable_state(model, received)
+    return model, received
 
 
 def train_handler(msg: Message, context: Context, base: Config) -> Message:
@@ -141,11 +150,12 @@ def train_handler(msg: Message, context: Context, base: Config) -> Message:
     node = node_of(context, base, msg)
     cfg = node.cfg
     server_round = int(msg.content["config"].get("server-round", 1))
-    examples = train_examples(cfg, node.users)
+    seed = cfg.seed + 100_003 * server_round + node.seed  # batches, negatives, rounding
+    records = train_records(cfg, node.users)
     items = item_states(cfg, node.catalog)
     loaded = time.perf_counter()
     # 2. Model with the global tensors
-    model = _global_model(node, msg)
+    model, received = _global_model(node, msg)
     built = time.perf_counter()
     # 3. Train, privately when enabled
     privacy = None
@@ -162,10 +172,10 @@ def train_handler(msg: Message, context: Context, base: Config) -> Message:
         result = train(
             model=model,
             cfg=cfg,
-            examples=examples,
+            records=records,
             items=items,
-            epochs=cfg.local_epochs,
-            seed=cfg.seed + 100_003 * server_round + node.seed,
+            steps=cfg.local_steps,
+            seed=seed,
             privacy=privacy,
         )
     except BudgetExceeded as err:
@@ -174,11 +184,12 @@ def train_handler(msg: Message, context: Context, base: Config) -> Message:
         if privacy is not None:
             metrics["epsilon"] = privacy.ledger.epsilon(cfg.dp_delta)
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    # 4. Reply: only the trainable tensors travel
+    # 4. Reply: the update of the trainable tensors, in the wire dtype
     trained = time.perf_counter()
-    arrays = to_arrays(trainable_state(model))
+    rounding = torch.Generator().manual_seed(seed)  # int8 updates: stochastic rounding
+    arrays = encode_update(trainable_state(model), received, cfg.wire_dtype, generator=rounding)
     metrics = {
-        "num-examples": result.num_examples,
+        "num-examples": result.num_targets,
         "declined": 0,
         "train-loss": result.loss if math.isfinite(result.loss) else 0.0,
         "steps": result.steps,
@@ -199,7 +210,7 @@ def train_handler(msg: Message, context: Context, base: Config) -> Message:
 def evaluate_handler(msg: Message, context: Context, base: Config) -> Message:
     """Rank the whole catalog for this node's held-out items (seen items excluded)."""
     node = node_of(context, base, msg)
-    model = _global_model(node, msg)
+    model, _ = _global_model(node, msg)
     split = str(msg.content["config"].get("split", "valid"))
     cases = eval_cases(node.users, split)
     items = item_states(node.cfg, node.catalog)
@@ -213,7 +224,7 @@ def install_handler(msg: Message, context: Context, base: Config) -> Message:
     node = node_of(context, base, msg)
     config = msg.content["config"]
     metadata = json.loads(str(config["metadata"]))
-    model = _global_model(node, msg)  # checks every tensor's name and shape
+    model, _ = _global_model(node, msg)  # checks every tensor's name and shape
     path = install(node.state_dir, state=trainable_state(model), cfg=node.cfg, metadata=metadata)
     log.info("%s installed model %s in %s", node.name, metadata.get("version"), path)
     reply = ConfigRecord({"version": str(metadata.get("version")), "path": str(path)})

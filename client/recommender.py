@@ -30,7 +30,7 @@ from common.backbone import ItemStates, cached_item_states, encode_items, load_b
 from common.config import Config
 from common.data import Catalog
 from common.model import Recommender
-from common.train import item_vectors, pooled_table
+from common.train import encoded_items, item_vectors
 from common.weights import load_model_dir, load_trainable_state
 
 QUANTIZE = ("none", "int8")
@@ -298,7 +298,7 @@ class LocalRecommender:
         model = snapshot.model
         with torch.inference_mode():
             on_device = ItemStates(states.states.to(self.device), states.mask.to(self.device))
-            pooled = pooled_table(model, on_device)  # (M, H)
+            pooled = encoded_items(model, on_device, torch.arange(len(rows)))  # (M, H)
             # an item the model knows keeps its id embedding; a new one is its text alone
             ids = torch.tensor(rows)
             new = self._vectors(model, pooled.to(self.device), ids.to(self.device))

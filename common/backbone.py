@@ -100,31 +100,45 @@ def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def encode_items(
     backbone: Backbone, texts: list[str], *, k: int, max_tokens: int, batch_size: int = 128
 ) -> ItemStates:
-    """Run the frozen lower blocks over item texts (no cache)."""
+    """Run the frozen lower blocks over item texts (no cache).
+
+    Texts are cut at `max_tokens` and encoded in batches of similar length (little padding);
+    the stored token axis is as long as the longest text, at most `max_tokens`.
+    """
     if k > backbone.num_layers:
         raise ValueError(
             f"adapter-k={k} exceeds the backbone's {backbone.num_layers} transformer blocks."
         )
-    n, width = len(texts), backbone.hidden_size
+    lengths = [
+        min(len(ids), max_tokens)
+        for ids in backbone.tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]
+    ]
+    n, width, tokens = len(texts), backbone.hidden_size, max(lengths, default=1)
     # Preallocated outputs, filled in place: a list of small per-batch tensors interleaved
     # with the large freed activations fragments the heap (RSS grew ~1.6 GB per 10k items).
-    states = torch.empty((n, width) if k == 0 else (n, max_tokens, width))
-    masks = torch.zeros(n, max_tokens, dtype=torch.bool)
+    states = torch.zeros((n, width) if k == 0 else (n, tokens, width))
+    masks = torch.zeros(n, tokens, dtype=torch.bool)
+    order = sorted(range(n), key=lambda i: lengths[i])
     for start in range(0, n, batch_size):
+        rows = order[start : start + batch_size]
         batch = backbone.tokenizer(
-            texts[start : start + batch_size],
-            padding="max_length",
+            [texts[i] for i in rows],
+            padding="longest",
             truncation=True,
             max_length=max_tokens,
             return_tensors="pt",
         )
         out = backbone.model(**batch, output_hidden_states=True)
-        mask = batch["attention_mask"].bool()  # (b, T)
+        mask = batch["attention_mask"].bool()  # (b, t)
         # hidden_states[i] is the input of block i; hidden_states[L] is the final output.
-        hidden = out.hidden_states[backbone.num_layers - k]  # (b, T, H)
-        end = start + hidden.shape[0]
-        states[start:end] = mean_pool(hidden, mask) if k == 0 else hidden
-        masks[start:end] = mask
+        hidden = out.hidden_states[backbone.num_layers - k]  # (b, t, H)
+        t = hidden.shape[1]
+        index = torch.tensor(rows)
+        if k == 0:
+            states[index] = mean_pool(hidden, mask)
+        else:
+            states[index, :t] = hidden
+        masks[index, :t] = mask
         del out, hidden
     return ItemStates(states=states, mask=masks)
 

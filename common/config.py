@@ -14,6 +14,10 @@ from typing import Any
 # pyproject's [tool.flwr.app.config], in scenario files and on `--run-config`.
 
 
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+WIRE_DTYPES = ("int8", "half", "float32")  # see common/wire.py
+
+
 def _doc(text: str) -> dict[str, str]:
     return {"help": text}
 
@@ -33,7 +37,9 @@ class Config:
     output_dir: str = field(default="", metadata=_doc("Run output ('' = ./outputs/run)."))
     # --- item tower -----------------------------------------------------------------
     backbone: str = field(default="", metadata=_doc("Local BERT path or hub id ('' = bundled)."))
-    max_tokens: int = field(default=32, metadata=_doc("Tokens per item text."))
+    max_tokens: int = field(
+        default=64, metadata=_doc("Most tokens per item text (longer texts are cut).")
+    )
     adapter_k: int = field(
         default=0, metadata=_doc("Transformer blocks with LoRA adapters (0 = pooled output only).")
     )
@@ -44,23 +50,79 @@ class Config:
     item_id_embedding: bool = field(default=True, metadata=_doc("Add a learned id embedding."))
     # --- user tower -----------------------------------------------------------------
     history_len: int = field(default=50, metadata=_doc("Most recent items the user tower sees."))
+    window_stride: int = field(
+        default=0,
+        metadata=_doc(
+            "Targets per training window; windows reach back history-len items, so a smaller "
+            "stride gives every target a longer history (0 = history-len: no overlap)."
+        ),
+    )
     user_layers: int = field(default=2, metadata=_doc("Causal transformer layers."))
     user_heads: int = field(default=2, metadata=_doc("Attention heads per layer."))
     dropout: float = field(default=0.1, metadata=_doc("Dropout in the trainable layers."))
     # --- training -------------------------------------------------------------------
-    num_negatives: int = field(default=64, metadata=_doc("Sampled negatives per example."))
+    num_negatives: int = field(
+        default=0,
+        metadata=_doc(
+            "0 = softmax over the whole catalog; N = the batch's own items plus N uniform "
+            "draws, sampling bias corrected."
+        ),
+    )
     num_server_rounds: int = field(default=10, metadata=_doc("Federated rounds."))
     fraction_train: float = field(default=1.0, metadata=_doc("Fraction of nodes per round."))
     fraction_evaluate: float = field(default=1.0, metadata=_doc("Fraction evaluated (0 = off)."))
     evaluate_every: int = field(default=1, metadata=_doc("Federated evaluation every N rounds."))
     partition: str = field(default="user", metadata=_doc("user (one per client) | iid."))
     num_partitions: int = field(default=0, metadata=_doc("Clients for partition=iid."))
-    local_epochs: int = field(default=1, metadata=_doc("Local epochs per round."))
-    batch_size: int = field(default=32, metadata=_doc("Expected batch size (Poisson with DP)."))
-    learning_rate: float = field(default=0.001, metadata=_doc("Local Adam learning rate."))
-    strategy: str = field(default="fedavg", metadata=_doc("Aggregation: fedavg | fedadam."))
+    local_steps: int = field(
+        default=4,
+        metadata=_doc("Optimizer steps per client per round, whatever its data size."),
+    )
+    batch_size: int = field(
+        default=32, metadata=_doc("Windows (records) per batch (expected size under DP).")
+    )
+    local_optimizer: str = field(default="adam", metadata=_doc("Client optimizer: adam | sgd."))
+    learning_rate: float = field(default=0.001, metadata=_doc("Client learning rate."))
+    adapter_refresh_steps: int = field(
+        default=10,
+        metadata=_doc(
+            "adapter-k > 0: steps between LoRA updates; the adapted item table is recomputed "
+            "after each."
+        ),
+    )
+    adapter_rows: int = field(
+        default=0,
+        metadata=_doc(
+            "adapter-k > 0: most table rows whose gradient goes back through the blocks per "
+            "LoRA update (0 = all; else the batch's items and a uniform draw, unbiased)."
+        ),
+    )
+    strategy: str = field(
+        default="fedavg",
+        metadata=_doc("Aggregation: fedavg | fedavgm | fedadam | fedyogi | fedadagrad."),
+    )
     server_learning_rate: float = field(
-        default=0.01, metadata=_doc("FedAdam's server learning rate (unused by fedavg).")
+        default=0.01,
+        metadata=_doc("Server learning rate (eta of fedadam/fedyogi/fedadagrad; fedavgm's lr)."),
+    )
+    server_momentum: float = field(default=0.9, metadata=_doc("fedavgm's server momentum."))
+    server_tau: float = field(
+        default=1e-3, metadata=_doc("Adaptivity tau of fedadam / fedyogi / fedadagrad.")
+    )
+    client_weighting: str = field(
+        default="examples",
+        metadata=_doc("Aggregation weights: examples (capped) | uniform."),
+    )
+    max_client_weight: float = field(
+        default=100.0,
+        metadata=_doc("Cap on a client's example-count weight (client-weighting=examples)."),
+    )
+    wire_dtype: str = field(
+        default="int8",
+        metadata=_doc(
+            "Weights down / updates up: int8 = float16 / int8 rows, stochastically rounded; "
+            "half = float16 / bfloat16; float32 (common/wire.py)."
+        ),
     )
     # --- privacy --------------------------------------------------------------------
     dp_enabled: bool = field(default=False, metadata=_doc("Client-side Opacus DP-SGD."))
@@ -69,7 +131,7 @@ class Config:
         metadata=_doc("Noise multiplier; 0 = each client calibrates it once to its budget."),
     )
     dp_max_grad_norm: float = field(default=1.0, metadata=_doc("Per-example clipping norm."))
-    dp_delta: float = field(default=1e-5, metadata=_doc("Delta of the record-level guarantee."))
+    dp_delta: float = field(default=1e-5, metadata=_doc("Delta of the DP guarantee."))
     dp_target_epsilon: float = field(
         default=8.0, metadata=_doc("Per-client budget; a client declines to exceed it.")
     )
@@ -104,10 +166,10 @@ class Config:
             "history_len",
             "user_layers",
             "user_heads",
-            "num_negatives",
             "num_server_rounds",
             "evaluate_every",
-            "local_epochs",
+            "local_steps",
+            "adapter_refresh_steps",
             "batch_size",
             "lora_r",
         )
@@ -131,10 +193,32 @@ class Config:
                 raise ValueError(f"{key_of(name)} must lie in [0, 1], got {value}.")
         if self.learning_rate <= 0:
             raise ValueError(f"learning-rate must be positive, got {self.learning_rate}.")
-        if self.strategy not in ("fedavg", "fedadam"):
-            raise ValueError(f"strategy must be 'fedavg' or 'fedadam', got {self.strategy!r}.")
-        if self.server_learning_rate <= 0:
-            raise ValueError("server-learning-rate must be positive.")
+        if not 0 <= self.window_stride <= self.history_len:
+            raise ValueError(
+                f"window-stride must lie in [0, history-len = {self.history_len}], "
+                f"got {self.window_stride}."
+            )
+        if self.adapter_rows < 0:
+            raise ValueError(f"adapter-rows must be 0 or more, got {self.adapter_rows}.")
+        if self.num_negatives < 0:
+            raise ValueError(f"num-negatives must be 0 or more, got {self.num_negatives}.")
+        choices = {
+            "strategy": STRATEGIES,
+            "local_optimizer": ("adam", "sgd"),
+            "client_weighting": ("examples", "uniform"),
+            "wire_dtype": WIRE_DTYPES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{key_of(name)} must be one of {', '.join(allowed)}, "
+                    f"got {getattr(self, name)!r}."
+                )
+        for name in ("server_learning_rate", "server_tau", "max_client_weight"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{key_of(name)} must be positive, got {getattr(self, name)}.")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ValueError(f"server-momentum must lie in [0, 1), got {self.server_momentum}.")
         if self.partition not in ("user", "iid"):
             raise ValueError(f"partition must be 'user' or 'iid', got {self.partition!r}.")
         if self.partition == "iid" and self.num_partitions < 1:
@@ -152,6 +236,11 @@ class Config:
                 raise ValueError(f"dp-delta must lie in (0, 1), got {self.dp_delta}.")
             if self.dp_target_epsilon <= 0:
                 raise ValueError("dp-target-epsilon must be positive when dp-enabled is true.")
+            if self.num_negatives == 0:
+                raise ValueError(
+                    "dp-enabled needs num-negatives >= 1: DP-SGD computes the item vectors "
+                    "inside each record, and the whole catalog per record is too costly."
+                )
 
     # --- derived paths ---------------------------------------------------------------
     @property

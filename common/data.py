@@ -103,6 +103,9 @@ class Catalog:
     item_ids: tuple[str, ...]
     texts: tuple[str, ...]
     _index: dict[str, int] = field(init=False, repr=False, compare=False, hash=False)
+    _fingerprint: str | None = field(
+        init=False, default=None, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "item_ids", tuple(str(i) for i in self.item_ids))
@@ -143,6 +146,11 @@ class Catalog:
 
     def fingerprint(self) -> str:
         """A stable sha256 hex digest of the ids and texts, in order (a cache key)."""
+        if self._fingerprint is None:  # computed once: the catalog is immutable
+            object.__setattr__(self, "_fingerprint", self._digest())
+        return self._fingerprint
+
+    def _digest(self) -> str:
         digest = hashlib.sha256(b"fedrec-catalog-v1")
         for item_id, text in zip(self.item_ids, self.texts, strict=True):
             for part in (item_id, text):

@@ -1,8 +1,13 @@
 """The recommender: item tower over frozen BERT states, causal user tower, dot-product scores.
 
-Every trainable layer sees the example index as its input's first dimension, so Opacus's
-per-sample gradients are per training example (see notes/privacy.md): a batch of B examples
-with K items each stays (B, K, ...) all the way through, never (B*K, ...).
+Two ways to compute item vectors, both exact:
+
+- per record (`ItemTower.pooled` on (B, K, T, H), `Recommender.forward`): every trainable
+  layer sees the record as its input's first dimension, so Opacus's per-sample gradients are
+  per record (see notes/privacy.md): a batch of B records with K items each stays
+  (B, K, ...) all the way through, never (B*K, ...);
+- shared (`ItemTower.encode` on (M, T, H), `ItemTower.head` on (M, H)): each distinct item
+  once per batch or for the whole catalog, as non-private training and inference use it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,23 @@ from common.backbone import mean_pool
 from common.config import Config
 
 NEG_INF = -1e9  # additive mask value; finite so fully masked rows stay NaN-free
+LORA_TARGETS = ["query", "value"]
+
+
+def lora_config(cfg: Config, *, base_model: str = "") -> LoraConfig:
+    """The LoRA settings of the adapted blocks (one place: the model and its saved form).
+
+    No LoRA dropout (and the copied blocks' own dropout is switched off): the adapted blocks
+    must be deterministic, so that the catalog table a training step reads equals what a later
+    backward pass through the blocks recomputes.
+    """
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=LORA_TARGETS,
+        base_model_name_or_path=base_model or None,
+    )
 
 
 class Bottleneck(nn.Module):
@@ -33,8 +55,9 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.weight)  # starts as the identity
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, H) -> (B, K, H)
-        return x + self.dropout(self.up(F.gelu(self.down(self.norm(x)))))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., H)
+        # dropout on the narrow hidden layer: over a whole catalog it costs H/hidden x less
+        return x + self.up(self.dropout(F.gelu(self.down(self.norm(x)))))
 
 
 class ItemTower(nn.Module):
@@ -50,14 +73,11 @@ class ItemTower(nn.Module):
                 raise ValueError(f"adapter-k={self.k} needs exactly {self.k} backbone blocks.")
             self.blocks = nn.ModuleList(copy.deepcopy(b) for b in blocks)
             self.blocks.requires_grad_(False)
-            lora = LoraConfig(
-                r=cfg.lora_r,
-                lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.dropout,
-                target_modules=["query", "value"],
-            )
+            for module in self.blocks.modules():  # deterministic in train mode too (see above)
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
             # Injected after the blocks exist and sit on their device (opacus#820).
-            inject_adapter_in_model(lora, self.blocks)
+            inject_adapter_in_model(lora_config(cfg), self.blocks)
         self.adapter = Bottleneck(hidden_size, cfg.bottleneck_dim, cfg.dropout)
         self.proj = nn.Linear(hidden_size, cfg.model_dim)
         self.id_embedding = (
@@ -67,12 +87,12 @@ class ItemTower(nn.Module):
             nn.init.zeros_(self.id_embedding.weight)  # text first; ids learn the residual
 
     def pooled(self, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Pooled item states after the adapted blocks: (B, K, T, H) | (B, K, H) -> (B, K, H)."""
+        """Per record: (B, K, T, H) | (B, K, H) -> (B, K, H), items of a record packed in one
+        sequence with block-diagonal attention (a token sees its own item's real tokens)."""
         if not self.k:
             return states
         b, n, t, h = states.shape
-        x = states.reshape(b, n * t, h)  # (B, K*T, H): one sequence per example
-        # Block-diagonal attention: a token sees the real tokens of its own item only.
+        x = states.reshape(b, n * t, h)  # (B, K*T, H): one sequence per record
         item_of = torch.arange(n, device=x.device).repeat_interleave(t)  # (K*T,)
         same_item = item_of[:, None] == item_of[None, :]  # (K*T, K*T)
         real = mask.reshape(b, 1, n * t)  # (B, 1, K*T)
@@ -84,8 +104,19 @@ class ItemTower(nn.Module):
             x = block(x, attention_mask=additive)
         return mean_pool(x.reshape(b, n, t, h), mask)  # (B, K, H)
 
+    def encode(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Shared: each item its own sequence through the adapted blocks, (M, T, H) -> (M, H)."""
+        if not self.k:
+            raise ValueError("encode() needs adapted blocks (adapter-k > 0).")
+        additive = torch.zeros(mask.shape, dtype=states.dtype, device=states.device)
+        additive = additive.masked_fill(~mask, NEG_INF)[:, None, None]  # (M, 1, 1, T)
+        x = states
+        for block in self.blocks:
+            x = block(x, attention_mask=additive)
+        return mean_pool(x, mask)
+
     def head(self, pooled: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
-        """Adapter, projection and id embedding: (B, K, H), (B, K) -> (B, K, D)."""
+        """Adapter, projection and id embedding: (..., H), (...) -> (..., D)."""
         v = self.proj(self.adapter(pooled))
         if self.id_embedding is not None:
             known = item_ids < self.id_embedding.num_embeddings  # new items: text alone
@@ -136,7 +167,12 @@ class UserBlock(nn.Module):
 
 
 class UserTower(nn.Module):
-    """A causal transformer over the last L item vectors; the user is the last position."""
+    """A causal transformer over item vectors; position i predicts the item after item i.
+
+    Positions count from the first real item, so a left-padded history and the same history
+    inside a longer sequence give the same state: one causal pass over a sequence yields every
+    prefix's user vector (training), and the last position is the user (inference).
+    """
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -146,19 +182,24 @@ class UserTower(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.model_dim)
 
-    def forward(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) item vectors, left-padded; (B, L) bool -> (B, D) user vectors."""
+    def encode(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) item vectors, left-padded; (B, L) bool -> (B, L, D), one state per prefix."""
         b, t, _ = items.shape
-        pos = torch.arange(t, device=items.device).expand(b, t)  # (B, L)
-        x = items + self.positions(pos)
         # masks built in float, then compared: ONNX Runtime has no boolean EyeLike or Trilu
+        real = valid.to(items.dtype)  # (B, L)
+        pos = (real.cumsum(1) - 1.0).clamp(min=0.0).long()  # (B, L): index among real items
+        x = items + self.positions(pos)
         ones = torch.ones(t, t, device=items.device)
         causal = ones.tril() > 0
         allowed = causal[None] & valid[:, None, :]  # (B, L, L)
         allowed = allowed | (torch.eye(t, device=items.device) > 0)[None]
         for block in self.blocks:
             x = block(x, allowed)
-        return self.norm(x[:, -1])  # left padding: the newest item is always last
+        return self.norm(x)
+
+    def forward(self, items: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) left-padded item vectors, (B, L) bool -> (B, D) user vectors."""
+        return self.encode(items, valid)[:, -1]  # left padding: the newest item is last
 
 
 class Recommender(nn.Module):
@@ -176,44 +217,24 @@ class Recommender(nn.Module):
         self.items = ItemTower(cfg, hidden_size=hidden_size, num_items=num_items, blocks=blocks)
         self.user = UserTower(cfg)
 
+    def user_states(self, history: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Every prefix's user vector: (B, L, D) item vectors, (B, L) bool -> (B, L, D)."""
+        history = history * valid.unsqueeze(-1).to(history.dtype)  # padding zeroed
+        return self.user.encode(history, valid)
+
     def forward(
         self,
-        history: torch.Tensor,  # (B, L) item ids, left-padded with -1
-        history_pooled: torch.Tensor,  # (B, L, H) pooled states of the history items
-        candidates: torch.Tensor,  # (B, C) item ids: the target first, then its negatives
+        inputs: torch.Tensor,  # (B, L) item ids, left-padded with -1
+        input_index: torch.Tensor,  # (B, L) column of each input among the candidates
+        candidates: torch.Tensor,  # (B, C) item ids of each record (its own items first)
         candidate_states: torch.Tensor,  # (B, C, T, H) | (B, C, H)
         candidate_mask: torch.Tensor | None,  # (B, C, T) | None
     ) -> torch.Tensor:
-        """Logits of each example's candidates: (B, C)."""
-        valid = history >= 0
-        hist = self.items.head(history_pooled, history.clamp(min=0))  # (B, L, D)
+        """Per record: logits (B, L, C) of every position against the record's candidates."""
         c = self.items(candidate_states, candidate_mask, candidates)  # (B, C, D)
-        return self._logits(hist, valid, c)
-
-    def forward_shared(
-        self,
-        history: torch.Tensor,  # (B, L), left-padded with -1
-        candidates: torch.Tensor,  # (B, C)
-        table: torch.Tensor,  # (N, H) pooled states of every item, frozen for the round
-        states: torch.Tensor,  # (N, T, H) | (N, H) item states entering the adapted blocks
-        mask: torch.Tensor | None,  # (N, T) | None
-    ) -> torch.Tensor:
-        """Logits (B, C) with each distinct item of the batch encoded once.
-
-        Much faster, but rows are items, not examples: for non-private training only.
-        """
-        ids, inverse = torch.unique(candidates, return_inverse=True)  # (U,), (B, C)
-        if self.items.k:
-            pooled = self.items.pooled(states[ids][:, None], mask[ids][:, None])[:, 0]  # (U, H)
-        else:
-            pooled = states[ids]
-        c = self.items.head(pooled[None], ids[None])[0][inverse]  # (B, C, D)
-        valid = history >= 0
-        hist_ids, hist_inverse = torch.unique(history.clamp(min=0), return_inverse=True)
-        hist = self.items.head(table[hist_ids][None], hist_ids[None])[0][hist_inverse]
-        return self._logits(hist, valid, c)
-
-    def _logits(self, hist: torch.Tensor, valid: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        hist = hist * valid.unsqueeze(-1).to(hist.dtype)  # (B, L, D), padding zeroed
-        u = self.user(hist, valid)  # (B, D)
-        return torch.einsum("bd,bcd->bc", u, c)  # (B, C)
+        valid = inputs >= 0
+        history = torch.gather(
+            c, 1, input_index.clamp(min=0)[..., None].expand(-1, -1, c.shape[-1])
+        )
+        u = self.user_states(history, valid)  # (B, L, D)
+        return torch.einsum("bld,bcd->blc", u, c)  # (B, L, C)

@@ -1,4 +1,4 @@
-"""Opacus wiring and the per-client privacy ledger (record-level DP-SGD).
+"""Opacus wiring and the per-client privacy ledger (example-level DP-SGD).
 
 The ledger is the accountant's history, [(noise multiplier, sample rate, steps), ...], kept
 on disk next to the client's data. Every round composes onto it, a restart reloads it, and a
@@ -19,7 +19,9 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANT = "rdp"
-UNIT = "record"  # neighbouring datasets differ in one training example (one interaction)
+# Neighbouring datasets differ in one training window: up to history-len interactions of one
+# user with their targets (common/records.py). Example-level, not user-level.
+UNIT = "window"
 COMPOSITION = "cumulative"  # over every round this client has trained in
 
 

@@ -25,7 +25,8 @@ from common.data import (
     split_by_user,
 )
 from common.model import Recommender
-from common.train import EvalCase, Examples, build_examples
+from common.records import Records, build_records
+from common.train import EvalCase
 
 
 # Per-process cache of the public, read-only inputs (catalog and, in simulation, the
@@ -107,13 +108,36 @@ def build_model(cfg: Config, *, num_items: int) -> Recommender:
         hidden = backbone.hidden_size
     else:  # no blocks needed: the config alone gives the width
         blocks = None
-        hidden = AutoConfig.from_pretrained(resolve_backbone(cfg.backbone)).hidden_size
+        hidden = _hidden_size(cfg.backbone)
     return Recommender(cfg, hidden_size=hidden, num_items=num_items, blocks=blocks)
 
 
-def train_examples(cfg: Config, users: list[UserSplit]) -> Examples:
-    """Training examples of these users (their train interactions only)."""
-    return build_examples([u.train for u in users], history_len=cfg.history_len)
+# Per-process cache of one built model per config: building one costs a deep copy of the
+# adapted blocks and a random initialisation that loading the global tensors then overwrites,
+# and a simulation worker answers many clients. Documented like the backbone cache.
+@functools.lru_cache(maxsize=2)
+def _cached_model(cfg: Config, num_items: int) -> Recommender:
+    return build_model(cfg, num_items=num_items)
+
+
+def reusable_model(cfg: Config, *, num_items: int) -> Recommender:
+    """The process's model for this config: the caller must load every trainable tensor
+    (common.weights.load_trainable_state) before use; frozen tensors are never written."""
+    model = _cached_model(cfg, num_items)
+    model.zero_grad(set_to_none=True)
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def _hidden_size(backbone: str) -> int:
+    return AutoConfig.from_pretrained(resolve_backbone(backbone)).hidden_size
+
+
+def train_records(cfg: Config, users: list[UserSplit]) -> Records:
+    """Training records of these users: windows of their train interactions only."""
+    return build_records(
+        [u.train for u in users], history_len=cfg.history_len, stride=cfg.window_stride
+    )
 
 
 def eval_cases(users: list[UserSplit], split: str) -> list[EvalCase]:

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
-from peft import LoraConfig
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from torch import nn
 
 from common.config import Config
+from common.model import lora_config
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -114,14 +114,7 @@ def save_model_dir(
                 for n, v in lora.items()
             }
             save_numpy(peft_state, str(tmp / ADAPTER_WEIGHTS))
-            lora_cfg = LoraConfig(
-                r=cfg.lora_r,
-                lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.dropout,
-                target_modules=["query", "value"],
-                base_model_name_or_path=metadata.get("backbone", ""),
-            )
-            lora_cfg.save_pretrained(str(tmp))
+            lora_config(cfg, base_model=metadata.get("backbone", "")).save_pretrained(str(tmp))
         save_numpy(
             {n: np.ascontiguousarray(v) for n, v in rest.items()}, str(tmp / TRAINABLE_WEIGHTS)
         )

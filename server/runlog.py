@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ METRICS_FILE = "metrics.jsonl"
 PUSH_FILE = "pushes.jsonl"  # one row per model push: version, nodes, installed, failed
 MODELS_DIR = "models"
 LATEST = "LATEST"  # text file naming the newest round directory
+BEST = "best"  # the model selected on validation (simulation with central evaluation)
+KEEP_ROUNDS = 3  # round checkpoints kept: the newest few (resume needs only the last)
 
 
 class RunLog:
@@ -49,7 +52,35 @@ class RunLog:
         tmp = self.models / f".{LATEST}.tmp"
         tmp.write_text(path.name)
         tmp.replace(self.models / LATEST)
+        rounds = sorted(self.models.glob("round-[0-9][0-9][0-9]*"))
+        for old in rounds[:-KEEP_ROUNDS]:
+            shutil.rmtree(old, ignore_errors=True)
         return path
+
+    def save_best(self, round_: int, *, state, cfg: Config) -> Path:
+        """The model selected on validation so far."""
+        return save_model_dir(self.models / BEST, state=state, cfg=cfg, metadata={"round": round_})
+
+    def load_best(self) -> tuple[dict, dict]:
+        """(state, metadata) of the model selected on validation."""
+        return load_model_dir(self.models / BEST)
+
+    def best_validation(self) -> tuple[int, float] | None:
+        """(round, validation NDCG@10) of the selected model, from the metrics file."""
+        if not (self.models / BEST).exists():
+            return None
+        chosen = int(self.load_best()[1]["round"])
+        for row in self.metrics_rows():
+            if row.get("round") == chosen and row.get("val_ndcg@10") is not None:
+                return chosen, float(row["val_ndcg@10"])
+        return None
+
+    def metrics_rows(self) -> list[dict[str, Any]]:
+        """Every row of the metrics file written so far."""
+        path = self.root / METRICS_FILE
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def save_final(self, *, state, cfg: Config, metadata: dict[str, Any]) -> Path:
         """The run's final global model."""

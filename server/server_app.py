@@ -99,6 +99,11 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         evaluate_every=cfg.evaluate_every,
         num_rounds=remaining,
         message_ttl_s=cfg.round_timeout_s,
+        server_momentum=cfg.server_momentum,
+        server_tau=cfg.server_tau,
+        wire_dtype=cfg.wire_dtype,
+        client_weighting=cfg.client_weighting,
+        max_client_weight=cfg.max_client_weight,
     )
 
     # 5. After each round: central evaluation (simulation), checkpoint, metrics row
@@ -108,18 +113,29 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
     last_end = [start]
     spent: dict[str, float] = {}
     latest: list[ArrayRecord] = []  # the global model after the newest round
+    best = runlog.best_validation()  # (round, val NDCG@10) of the model selected so far
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        nonlocal best
         global_round = done + server_round
         latest[:] = [arrays]
         load_trainable_state(model, from_arrays(arrays))
         row: dict[str, object] = {"round": global_round}
-        if cfg.central_eval:
+        last = server_round == remaining
+        if cfg.central_eval and (global_round % cfg.evaluate_every == 0 or last):
             metrics, _ = evaluate(model=model, cfg=cfg, items=items, cases=valid_cases)
             row.update({f"val_{k}": v for k, v in metrics.items()})
-            if server_round == remaining:  # test split read once, for the final model only
-                metrics, _ = evaluate(model=model, cfg=cfg, items=items, cases=test_cases)
-                row.update({f"test_{k}": v for k, v in metrics.items()})
+            if global_round > 0 and (best is None or metrics["ndcg@10"] > best[1]):
+                best = (global_round, metrics["ndcg@10"])
+                runlog.save_best(global_round, state=trainable_state(model), cfg=cfg)
+        if cfg.central_eval and last and best is not None:
+            # model selection on validation; the test split is read once, for the selected model
+            selected, _ = runlog.load_best()
+            load_trainable_state(model, selected)
+            metrics, _ = evaluate(model=model, cfg=cfg, items=items, cases=test_cases)
+            row.update({f"test_{k}": v for k, v in metrics.items()})
+            row.update(best_round=best[0], best_val_ndcg10=best[1])
+            load_trainable_state(model, from_arrays(arrays))
         stats = strategy.stats.get(server_round)
         if stats is not None:
             row.update(_stats_row(stats, cfg))

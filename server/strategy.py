@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
+
+from common.wire import SENT_AS, decode_update, encode_weights, update_shape
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +65,17 @@ def array_bytes(arrays: ArrayRecord) -> int:
 
 
 class ValidatedReplies:
-    """Mixin for a Flower strategy: validate each reply before it is aggregated.
+    """Mixin for a Flower strategy: the wire format, validated replies and bounded weights.
 
-    A reply is rejected (and logged) when its tensors' names, shapes or dtypes differ from the
-    global model's, or hold NaN/inf; a client that declines (privacy budget spent) is counted
-    and skipped. The round goes on with the remaining replies. Also records each round's
-    traffic and privacy figures in `stats`, and evaluates every `evaluate_every` rounds.
+    Clients receive the global weights in the wire dtype and reply with their update in the
+    wire dtype (common/wire.py); each accepted update is turned back into float32 weights
+    before the Flower strategy underneath averages them. A reply is rejected (and logged) when
+    its tensors' names, shapes or dtypes differ from what was sent, or hold NaN/inf; a client
+    that declines (privacy budget spent) is counted and skipped. The round goes on with the
+    remaining replies. A client's weight is its example count capped at `max_client_weight`,
+    or 1 for every client (`client_weighting="uniform"`): the server bounds what any client's
+    claim can buy. Also records each round's traffic and privacy figures in `stats`, and
+    evaluates every `evaluate_every` rounds.
     """
 
     def __init__(
@@ -77,20 +84,32 @@ class ValidatedReplies:
         evaluate_every: int = 1,
         num_rounds: int = 1,
         message_ttl_s: float | None = None,
+        wire_dtype: str = "float32",
+        client_weighting: str = "examples",
+        max_client_weight: float = float("inf"),
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.evaluate_every = evaluate_every
         self.num_rounds = num_rounds
         self.message_ttl_s = message_ttl_s
+        self.wire_dtype = wire_dtype
+        self.client_weighting = client_weighting
+        self.max_client_weight = max_client_weight
         self.stats: dict[int, RoundStats] = {}
-        self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._global: dict[str, np.ndarray] = {}  # float32 weights of the round being trained
+        self._expected: dict[str, tuple[tuple[int, ...], str]] = {}  # wire shapes and dtypes
         self._sent: list[Message] = []  # this round's training messages
 
     def _construct_messages(self, record, node_ids, message_type) -> list[Message]:
-        """Flower's messages, expiring with the round: a node that was down does not wake up
-        to last round's work (Flower's default time-to-live is 12 hours)."""
-        messages = list(super()._construct_messages(record, node_ids, message_type))
+        """Flower's messages with the weights in the wire dtype, expiring with the round: a
+        node that was down does not wake up to last round's work (Flower's default time-to-
+        live is 12 hours)."""
+        wire = RecordDict(dict(record.items()))
+        wire["arrays"] = encode_weights(
+            {k: a.numpy() for k, a in record["arrays"].items()}, self.wire_dtype
+        )
+        messages = list(super()._construct_messages(wire, node_ids, message_type))
         if self.message_ttl_s is not None:
             for msg in messages:
                 msg.metadata.ttl = self.message_ttl_s
@@ -100,11 +119,15 @@ class ValidatedReplies:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         stats = self.stats.setdefault(server_round, RoundStats())
-        self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        self._global = {k: a.numpy().astype(np.float32) for k, a in arrays.items()}
+        wire = SENT_AS[self.wire_dtype][1]
+        self._expected = {
+            k: (update_shape(tuple(a.shape), self.wire_dtype), wire) for k, a in arrays.items()
+        }
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = messages
         stats.clients_sampled = len(messages)
-        stats.bytes_down += array_bytes(arrays) * len(messages)
+        stats.bytes_down += sum(array_bytes(m.content["arrays"]) for m in messages)
         return messages
 
     def _problem(self, msg: Message) -> str | None:
@@ -130,7 +153,8 @@ class ValidatedReplies:
                     f"tensor {key!r} is {array.dtype}{list(array.shape)}, "
                     f"expected {dtype}{list(shape)}"
                 )
-            if not np.all(np.isfinite(array.numpy())):
+        for key, value in decode_update(arrays, self._shapes()).items():
+            if not np.all(np.isfinite(value)):
                 return f"tensor {key!r} holds NaN or infinite values"
         return None
 
@@ -167,8 +191,8 @@ class ValidatedReplies:
                     "Round %d: rejected the update of node %d: %s", server_round, node, problem
                 )
                 continue
-            accepted.append(msg)
             stats.bytes_up += array_bytes(next(iter(msg.content.array_records.values())))
+            accepted.append(self._as_weights(msg))
             stats.epsilons.extend(_floats(metrics, "epsilon"))
             stats.update_seconds.extend(_floats(metrics, "update-s"))
             for key in CLIENT_TIMES:
@@ -187,6 +211,24 @@ class ValidatedReplies:
             stats.train_loss = float(metrics["train-loss"])
         return arrays, metrics
 
+    def _as_weights(self, msg: Message) -> Message:
+        """The reply with its update decoded to float32 weights and its weight bounded."""
+        key = next(iter(msg.content.array_records))
+        update = decode_update(msg.content[key], self._shapes())
+        msg.content[key] = ArrayRecord(
+            OrderedDict((k, torch.from_numpy(self._global[k] + v)) for k, v in update.items())
+        )
+        metrics = next(iter(msg.content.metric_records.values()))
+        claimed = float(metrics[NUM_EXAMPLES])
+        bounded = (
+            1.0 if self.client_weighting == "uniform" else min(claimed, self.max_client_weight)
+        )
+        metrics[NUM_EXAMPLES] = bounded
+        return msg
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v.shape for k, v in self._global.items()}
+
     def _lost(self, stats: RoundStats, server_round: int, node: int, why: str) -> None:
         stats.clients_failed += 1
         stats.failed_nodes.append(node)
@@ -195,12 +237,13 @@ class ValidatedReplies:
         )
 
     def _as_expected(self, arrays: ArrayRecord) -> ArrayRecord:
-        """Cast back to the global model's dtypes (FedAdam's numpy arithmetic yields float64)."""
-        out = OrderedDict()
-        for key, array in arrays.items():
-            value = array.numpy()
-            out[key] = torch.from_numpy(value.astype(np.dtype(self._expected[key][1]), copy=False))
-        return ArrayRecord(out)
+        """Cast back to float32 (FedAdam's numpy arithmetic yields float64)."""
+        return ArrayRecord(
+            OrderedDict(
+                (k, torch.from_numpy(a.numpy().astype(np.float32, copy=False)))
+                for k, a in arrays.items()
+            )
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -209,8 +252,8 @@ class ValidatedReplies:
         if not due:
             return []
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self.stats.setdefault(server_round, RoundStats()).bytes_down += array_bytes(arrays) * len(
-            messages
+        self.stats.setdefault(server_round, RoundStats()).bytes_down += sum(
+            array_bytes(m.content["arrays"]) for m in messages
         )
         return messages
 
@@ -241,22 +284,49 @@ class ValidatedReplies:
 
 
 class FedRecAvg(ValidatedReplies, FedAvg):
-    """FedAvg weighted by examples, with validated replies."""
+    """FedAvg (McMahan et al. 2017) with the wire format, validated replies, bounded weights."""
+
+
+class FedRecAvgM(ValidatedReplies, FedAvgM):
+    """FedAvg with server momentum (Hsu et al. 2019)."""
 
 
 class FedRecAdam(ValidatedReplies, FedAdam):
-    """FedAdam (server-side Adam on the averaged update, Reddi et al. 2021), validated replies."""
+    """FedAdam (server-side Adam on the averaged update, Reddi et al. 2021)."""
 
 
-STRATEGIES = {"fedavg": FedRecAvg, "fedadam": FedRecAdam}
+class FedRecYogi(ValidatedReplies, FedYogi):
+    """FedYogi (Reddi et al. 2021)."""
 
 
-def make_strategy(name: str, *, server_learning_rate: float, **kwargs) -> FedAvg:
-    """A strategy from the registry; FedAdam takes the server learning rate as its eta."""
+class FedRecAdagrad(ValidatedReplies, FedAdagrad):
+    """FedAdagrad (Reddi et al. 2021)."""
+
+
+STRATEGIES = {
+    "fedavg": FedRecAvg,
+    "fedavgm": FedRecAvgM,
+    "fedadam": FedRecAdam,
+    "fedyogi": FedRecYogi,
+    "fedadagrad": FedRecAdagrad,
+}
+
+
+def make_strategy(
+    name: str,
+    *,
+    server_learning_rate: float,
+    server_momentum: float = 0.9,
+    server_tau: float = 1e-3,
+    **kwargs,
+) -> FedAvg:
+    """A strategy from the registry with its server optimizer's settings."""
     if name not in STRATEGIES:
         raise ValueError(f"Unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}.")
-    if name == "fedadam":
-        kwargs.update(eta=server_learning_rate, tau=1e-6)
+    if name == "fedavgm":
+        kwargs.update(server_learning_rate=server_learning_rate, server_momentum=server_momentum)
+    elif name != "fedavg":
+        kwargs.update(eta=server_learning_rate, tau=server_tau)
     return STRATEGIES[name](**kwargs)
 
 

@@ -96,6 +96,7 @@ def run_benchmark(work: Path, *, devices: int, rounds: int) -> dict:
         "num-server-rounds": rounds,
         "min-nodes": devices,
         "dp-enabled": True,
+        "num-negatives": 64,  # DP-SGD needs a sampled softmax (item vectors per record)
         "cache-dir": str(cache_dir),
         "central-eval": False,
         "push-model": True,

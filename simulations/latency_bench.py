@@ -36,7 +36,7 @@ from client.recommender import LocalRecommender
 from common.config import Config
 from common.data import Catalog
 from common.metrics import peak_rss_mb
-from common.task import build_model, item_states, load_data, train_examples
+from common.task import build_model, item_states, load_data, train_records
 from common.train import train
 from common.weights import save_model_dir, trainable_state
 from simulations import report
@@ -125,7 +125,7 @@ def ml100k_model(work: Path, cfg: Config, epochs: int) -> tuple[Path, Catalog, l
     train(
         model=model,
         cfg=cfg,
-        examples=train_examples(cfg, splits),
+        records=train_records(cfg, splits),
         items=items,
         epochs=epochs,
         seed=cfg.seed,

@@ -56,13 +56,16 @@ ROUND_COLUMNS = (
 )
 
 
-def write_results(path: Path, data: Any, table: str, *, readme: Path, begin: str, end: str) -> None:
+def write_results(
+    path: Path, data: Any, table: str, *, readme: Path | None = None, begin: str = "", end: str = ""
+) -> None:
     """A benchmark's results: the JSON file, its markdown table beside it (same name, .md)
-    and the README block between the begin and end markers."""
+    and, when given, the README block between the begin and end markers."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     path.with_suffix(".md").write_text(table + "\n")
-    replace_block(readme, begin, end, table)
+    if readme is not None:
+        replace_block(readme, begin, end, table)
 
 
 def replace_block(path: Path, begin: str, end: str, text: str) -> bool:
@@ -203,10 +206,11 @@ def privacy_statement(summary: Mapping[str, Any]) -> str:
         f"accountant = {known('accountant')}, "
         f"composition = {known('composition')}."
     )
-    if unit == "record":
+    if unit == "window":
         text += (
-            " Record level: neighbouring datasets differ in one interaction of one client; "
-            "this protects single interactions, not a user's participation."
+            " Example level: neighbouring datasets differ in one training window (up to "
+            "history-len interactions of one user and their targets); this protects neither a "
+            "user nor, by itself, a single interaction, which can appear in two windows."
         )
     elif unit == "user":
         text += " User level: neighbouring federations differ in one user's whole data."

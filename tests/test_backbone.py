@@ -45,7 +45,7 @@ def test_k_blocks_states_feed_the_top_blocks(tiny):
     model = bb.load_backbone(str(tiny[0]))
     lower = bb.encode_items(model, TEXTS, k=1, max_tokens=6)
     full = bb.encode_items(model, TEXTS, k=0, max_tokens=6)
-    assert lower.states.shape == (3, 6, 32)
+    assert lower.states.shape == (3, 5, 32)  # as long as the longest text, [CLS] and [SEP] in
     mask = (1.0 - lower.mask[:, None, None, :].float()) * -1e9
     top = model.model.encoder.layer[-1](lower.states, attention_mask=mask)
     torch.testing.assert_close(bb.mean_pool(top, lower.mask), full.states, rtol=1e-4, atol=1e-5)
@@ -79,3 +79,22 @@ def test_adapted_blocks_with_block_diagonal_attention_match_the_backbone(tiny):
     with torch.no_grad():
         packed = tower.pooled(lower.states[None], lower.mask[None])[0]  # 3 items, 1 sequence
     torch.testing.assert_close(packed, full.states, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_length_bucketed_encoding_equals_each_text_alone(tiny, k):
+    backbone = bb.load_backbone(str(tiny[0]))
+    texts = ["war", "space rocket star orbit alien planet", "love heart", "a b c d e f g h i j"]
+    batched = bb.encode_items(backbone, texts, k=k, max_tokens=64, batch_size=2)
+    longest = max(len(backbone.tokenizer(t)["input_ids"]) for t in texts)
+    assert batched.mask.shape == (len(texts), longest)  # no padding beyond the longest text
+    for i, text in enumerate(texts):
+        alone = bb.encode_items(backbone, [text], k=k, max_tokens=64)
+        n = int(alone.mask.sum())
+        assert int(batched.mask[i].sum()) == n
+        if k == 0:
+            torch.testing.assert_close(batched.states[i], alone.states[0], atol=1e-5, rtol=1e-4)
+        else:
+            torch.testing.assert_close(
+                batched.states[i, :n], alone.states[0, :n], atol=1e-5, rtol=1e-4
+            )

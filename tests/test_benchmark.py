@@ -1,51 +1,62 @@
-"""The benchmark's result files: rows as the issue specifies, the README block regenerated."""
+"""The benchmark's result files: seeded rows with mean and spread, the README block regenerated."""
 
 import json
 
-from simulations.benchmark import MARK_BEGIN, MARK_END, QUALITY_FILE, markdown_table, write_results
+import pytest
 
-ROWS = [
-    {
-        "name": "popularity",
-        "federated": False,
-        "dp_epsilon": None,
-        "split": "test",
-        "hr@10": 0.0859,
-        "ndcg@10": 0.0439,
-        "mrr@10": 0.0313,
-        "rounds": None,
-        "adapter_k": None,
-        "wall_s": 0.2,
-    },
-    {
-        "name": "fed-k0-dp",
-        "federated": True,
-        "dp_epsilon": 7.99,
-        "dp_delta": 1e-5,
-        "split": "test",
-        "hr@10": 0.05,
-        "ndcg@10": 0.025,
-        "mrr@10": 0.02,
-        "rounds": 30,
-        "adapter_k": 0,
-        "wall_s": 900.0,
-        "seconds_per_round": 30.0,
-        "seconds_per_client_update": 0.6,
-        "bytes_per_client_per_round": 1_426_000,
-        "client_peak_rss_mb": 900.0,
-        "server_peak_rss_mb": 1200.0,
-    },
-]
+from simulations.benchmark import (
+    MARK_BEGIN,
+    MARK_END,
+    QUALITY_FILE,
+    _row,
+    markdown_table,
+    write_results,
+)
+
+
+def runs(*ndcgs):
+    return [
+        {
+            "seed": 42 + i,
+            "hr@10": 2 * v,
+            "ndcg@10": v,
+            "mrr@10": v / 2,
+            "val_ndcg@10": v,
+            "wall_s": 10.0,
+        }
+        for i, v in enumerate(ndcgs)
+    ]
+
+
+def test_a_row_is_the_mean_and_sample_std_over_seeds():
+    row = _row("fed", runs(0.10, 0.12, 0.11), federated=True, k=0)
+    assert row["seeds"] == [42, 43, 44]
+    assert row["ndcg@10"] == pytest.approx(0.11)
+    assert row["ndcg@10_std"] == pytest.approx(0.01)  # ddof = 1
+    assert row["hr@10"] == pytest.approx(0.22) and len(row["per_seed"]) == 3
+    single = _row("popularity", [{**runs(0.04)[0], "seed": None}], federated=False, k=None)
+    assert single["ndcg@10_std"] is None
 
 
 def test_results_file_table_and_readme_block(tmp_path):
+    rows = [
+        _row("popularity", [{**runs(0.0439)[0], "seed": None}], federated=False, k=None),
+        {
+            **_row("fed-k0", runs(0.10, 0.12, 0.11), federated=True, k=0),
+            "rounds": 300,
+            "seconds_per_round": 3.0,
+            "bytes_per_client_per_round": 990_000,
+            "client_peak_rss_mb": 900.0,
+            "server_peak_rss_mb": 1200.0,
+        },
+    ]
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{MARK_BEGIN}\nold\n{MARK_END}\noutro\n")
-    write_results(ROWS, tmp_path / "results", readme)
-    rows = json.loads((tmp_path / "results" / QUALITY_FILE).read_text())
-    assert rows == ROWS
+    write_results(rows, tmp_path / "results", readme)
+    assert json.loads((tmp_path / "results" / QUALITY_FILE).read_text()) == rows
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
-    assert markdown_table(ROWS) in text
-    assert "| fed-k0-dp | yes | ε=7.99, δ=1e-05 | 0 | 30 | 0.0500 | 0.0250 |" in text
-    assert "| 1,426,000 | 900 / 1200 | 900 s |" in text
+    assert markdown_table(rows) in text
+    assert "| popularity | no | off | — | — | — | 0.0878 | 0.0439 | 0.0220 |" in text
+    assert "| fed-k0 | yes | off | 0 | 3 | 300 | 0.2200 ± 0.0200 | 0.1100 ± 0.0100 |" in text
+    assert "| 990,000 | 900 / 1200 | 10 s |" in text

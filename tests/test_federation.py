@@ -2,12 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
 from flwr.simulation import run_simulation
 
 from client.client_app import create_app as create_client_app
 from common.config import Config
 from common.weights import load_model_dir
+from common.wire import update_shape
 from server.server_app import create_app as create_server_app
 from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
 
@@ -41,7 +43,7 @@ def tiny_cfg(tmp_path, backbone, data, **changes) -> Config:
         partition="iid",
         num_partitions=NUM_CLIENTS,
         num_server_rounds=2,
-        local_epochs=3,
+        local_steps=3,
         learning_rate=0.01,
         model_dim=16,
         bottleneck_dim=8,
@@ -74,8 +76,9 @@ def test_two_rounds_lower_the_loss_and_write_metrics_and_checkpoints(tmp_path, t
     assert (final / "adapter_config.json").exists() and (
         final / "adapter_model.safetensors"
     ).exists()
-    # bytes_up counts serialized tensors: the raw data plus a small header per tensor
-    raw = sum(v.nbytes for v in state.values())
+    # bytes_up counts serialized tensors: int8 rows with their scales (the default wire
+    # format, common/wire.py) plus a small header per tensor
+    raw = sum(np.prod(update_shape(v.shape, cfg.wire_dtype)) for v in state.values())
     per_client = by_round[2]["bytes_up"] / NUM_CLIENTS
     assert raw <= per_client <= raw + 256 * len(state)
     assert (cfg.output_path / "models" / "round-002" / "fedrec.json").exists()
@@ -109,7 +112,7 @@ def test_private_federation_reports_cumulative_epsilon(tmp_path, tiny_world):
     assert rows[2]["epsilon_max"] > rows[1]["epsilon_max"] > 0
     assert rows[2]["epsilon_mean"] <= rows[2]["epsilon_max"]
     assert (rows[2]["epsilon_unit"], rows[2]["accountant"], rows[2]["composition"]) == (
-        "record",
+        "window",
         "rdp",
         "cumulative",
     )
@@ -119,6 +122,6 @@ def test_private_federation_reports_cumulative_epsilon(tmp_path, tiny_world):
     assert privacy["epsilon"] == max(r["epsilon_max"] for r in rows.values() if r["round"])
     assert (privacy["delta"], privacy["unit"], privacy["composition"]) == (
         cfg.dp_delta,
-        "record",
+        "window",
         "cumulative",
     )

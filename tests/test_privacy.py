@@ -7,7 +7,7 @@ from opacus.accountants import RDPAccountant
 from common.privacy import BudgetExceeded, PrivacyLedger, guarantee
 from common.train import PrivacySettings, train
 from common.weights import trainable_state
-from tests.tiny import tiny_examples, tiny_setup
+from tests.tiny import tiny_records, tiny_setup
 
 
 def settings(path, **changes):
@@ -22,12 +22,12 @@ def settings(path, **changes):
     return PrivacySettings(**{**base, **changes})
 
 
-def step(model, cfg, examples, items, *, seed, privacy):
+def step(model, cfg, records, items, *, seed, privacy):
     """One local epoch of private training."""
     return train(
         model=model,
         cfg=cfg,
-        examples=examples,
+        records=records,
         items=items,
         epochs=1,
         seed=seed,
@@ -37,8 +37,8 @@ def step(model, cfg, examples, items, *, seed, privacy):
 
 @pytest.mark.parametrize("k", [0, 1])
 def test_one_private_step_moves_every_adapter_and_no_backbone_tensor(tmp_path, k):
-    cfg, model, items, bert = tiny_setup(k, batch_size=64)
-    ex = tiny_examples(num_users=2, length=6)  # 10 examples: one Poisson batch per epoch
+    cfg, model, items, bert = tiny_setup(k, batch_size=64, num_negatives=3)
+    ex = tiny_records(num_users=2, length=6)  # 2 windows: one Poisson batch per epoch
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     bert_before = {n: p.detach().clone() for n, p in bert.named_parameters()}
     before = trainable_state(model)
@@ -57,17 +57,17 @@ def test_one_private_step_moves_every_adapter_and_no_backbone_tensor(tmp_path, k
 
 
 def test_epsilon_composes_across_rounds_and_survives_a_restart(tmp_path):
-    cfg, model, items, _ = tiny_setup(0)
-    ex = tiny_examples()
+    cfg, model, items, _ = tiny_setup(0, num_negatives=3)
+    ex = tiny_records()
     path = tmp_path / "client" / "ledger.json"
     first = train(
-        model=model, cfg=cfg, examples=ex, items=items, epochs=1, seed=0, privacy=settings(path)
+        model=model, cfg=cfg, records=ex, items=items, epochs=1, seed=0, privacy=settings(path)
     )
     # A restart: a new process reads the ledger from disk.
     reloaded = PrivacyLedger.load(path)
     assert reloaded.epsilon(1e-5) == pytest.approx(first.epsilon)
     second = train(
-        model=model, cfg=cfg, examples=ex, items=items, epochs=1, seed=1, privacy=settings(path)
+        model=model, cfg=cfg, records=ex, items=items, epochs=1, seed=1, privacy=settings(path)
     )
     assert second.epsilon > first.epsilon  # never resets
     # Reference: one accountant that saw both rounds' steps.
@@ -80,12 +80,12 @@ def test_epsilon_composes_across_rounds_and_survives_a_restart(tmp_path):
 
 
 def test_spent_budget_declines_and_leaves_the_ledger_untouched(tmp_path):
-    cfg, model, items, _ = tiny_setup(0)
-    ex = tiny_examples()
+    cfg, model, items, _ = tiny_setup(0, num_negatives=3)
+    ex = tiny_records()
     path = tmp_path / "ledger.json"
     first = step(model, cfg, ex, items, seed=0, privacy=settings(path, target_epsilon=50.0))
     spent = PrivacyLedger.load(path).history
-    with pytest.raises(BudgetExceeded, match="privacy budget spent.*record-level.*delta"):
+    with pytest.raises(BudgetExceeded, match="privacy budget spent.*window-level.*delta"):
         step(
             model,
             cfg,
@@ -98,8 +98,8 @@ def test_spent_budget_declines_and_leaves_the_ledger_untouched(tmp_path):
 
 
 def test_calibrated_noise_spends_the_budget_over_the_planned_rounds(tmp_path):
-    cfg, model, items, _ = tiny_setup(0)
-    ex = tiny_examples()
+    cfg, model, items, _ = tiny_setup(0, num_negatives=3)
+    ex = tiny_records()
     path = tmp_path / "ledger.json"
     eps = []
     for r in range(3):
@@ -137,7 +137,7 @@ def test_guarantee_names_delta_unit_accountant_and_composition():
     assert g == {
         "epsilon": 2.5,
         "delta": 1e-5,
-        "unit": "record",
+        "unit": "window",
         "accountant": "rdp",
         "composition": "cumulative",
     }

@@ -13,7 +13,7 @@ from client.installed import install
 from client.recommender import LocalRecommender, UnknownItems, title_of
 from common.config import Config
 from common.data import load_catalog
-from common.task import build_model, item_states, load_data, train_examples
+from common.task import build_model, item_states, load_data, train_records
 from common.train import item_vectors, left_pad, train, user_vectors
 from common.weights import save_model_dir, trainable_state
 from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
@@ -37,7 +37,7 @@ def trained(root: Path, **changes) -> tuple[Path, Config]:
     train(
         model=model,
         cfg=cfg,
-        examples=train_examples(cfg, list(splits)),
+        records=train_records(cfg, list(splits)),
         items=items,
         epochs=4,
         seed=0,

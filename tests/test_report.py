@@ -17,7 +17,7 @@ from simulations import report, run
 # Round 0 is the initial evaluation; round 1 has a null and a missing metric; round 2 is last.
 PRIVACY = {
     "dp_delta": 1e-5,
-    "epsilon_unit": "record",
+    "epsilon_unit": "window",
     "accountant": "rdp",
     "composition": "cumulative",
 }
@@ -102,7 +102,7 @@ def test_report_md_states_privacy_with_delta_unit_accountant_composition(tmp_pat
     write_report(tmp_path)
     text = (tmp_path / report.REPORT_FILE).read_text()
     privacy = text.split("## Privacy", 1)[1].split("##", 1)[0]
-    for term in ("epsilon", "1.5", "delta = 1e-05", "record-level", "rdp", "cumulative"):
+    for term in ("epsilon", "1.5", "delta = 1e-05", "window-level", "rdp", "cumulative"):
         assert term in privacy
     assert "after round 2" in privacy
     assert "![" in text and report.PLOT_FILE in text
@@ -369,7 +369,7 @@ def test_progress_line_prefers_val_hr_and_shows_both_ndcgs() -> None:
     bare = runtime.progress_line({"round": 0}, total_rounds=None, wall_s=3.0)
     assert bare == "round 0 | 3.0 s"
     header = runtime.progress_header(ROWS[1], {"dp-enabled": True})
-    assert all(t in header for t in ("record-level", "delta=1e-05", "rdp", "cumulative"))
+    assert all(t in header for t in ("window-level", "delta=1e-05", "rdp", "cumulative"))
 
 
 def test_flwr_config_toml_names_our_connection(tmp_path: Path) -> None:

@@ -53,17 +53,20 @@ class FakeGrid:
         return [1, 2, 3, 4, 5, 6]
 
 
-def sent(node_ids):
+def sent(node_ids, record=None):
     """Stand-ins for the messages a Flower run would send (the grid gives them ids)."""
     return [
-        SimpleNamespace(metadata=SimpleNamespace(message_id=f"q{n}", dst_node_id=n))
+        SimpleNamespace(
+            metadata=SimpleNamespace(message_id=f"q{n}", dst_node_id=n),
+            content={"arrays": record["arrays"] if record else ArrayRecord()},
+        )
         for n in node_ids
     ]
 
 
 def configure(s, model):
     """Run configure_train without a Flower run (messages replaced by stand-ins)."""
-    s._construct_messages = lambda record, node_ids, message_type: sent(node_ids)
+    s._construct_messages = lambda record, node_ids, message_type: sent(node_ids, record)
     return list(s.configure_train(1, model, ConfigRecord(), FakeGrid()))
 
 
@@ -131,3 +134,90 @@ def test_fedadam_keeps_float32():
     assert agg["w"].numpy().dtype == np.float32 and np.all(agg["w"].numpy() > 0)
     with pytest.raises(ValueError, match="Unknown strategy"):
         make_strategy("fedsgd", server_learning_rate=1.0)
+
+
+def test_claimed_example_counts_buy_at_most_the_cap():
+    s = FedRecAvg(min_available_nodes=1, min_train_nodes=1, max_client_weight=20.0)
+    configure(s, arrays(w=np.zeros(2, np.float32)))
+    replies = [
+        update(1, 10, w=np.ones(2, np.float32)),
+        update(2, 10**12, w=np.full(2, 4.0, np.float32)),
+    ]
+    agg, _ = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(agg["w"].numpy(), (10 * 1 + 20 * 4) / 30)  # 10**12 counts as 20
+
+
+def test_uniform_weighting_ignores_claimed_counts():
+    s = FedRecAvg(min_available_nodes=1, min_train_nodes=1, client_weighting="uniform")
+    configure(s, arrays(w=np.zeros(2, np.float32)))
+    replies = [
+        update(1, 1, w=np.ones(2, np.float32)),
+        update(2, 500, w=np.full(2, 4.0, np.float32)),
+    ]
+    agg, _ = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(agg["w"].numpy(), 2.5)
+
+
+def test_half_wire_sends_float16_weights_and_adds_bfloat16_updates_to_float32():
+    from common.wire import decode_weights, encode_update, encode_weights
+
+    global_w = np.array([1.0, -2.5, 3e-3, 0.0], np.float32)
+    down = encode_weights({"w": global_w}, "half")
+    assert down["w"].dtype == "float16"
+    received = decode_weights(down)
+    trained = {"w": received["w"] + np.array([2.0, -1e-3, 0.25, 1e-7], np.float32)}
+    up = encode_update(trained, received, "half")
+    assert up["w"].dtype == "int16" and up["w"].numpy().nbytes == 2 * global_w.size
+
+    s = FedRecAvg(min_available_nodes=1, min_train_nodes=1, wire_dtype="half")
+    configure(s, arrays(w=global_w))
+    msg = reply(1, RecordDict({"arrays": up, "metrics": MetricRecord({"num-examples": 3})}))
+    agg, _ = s.aggregate_train(1, [msg])
+    # the update is applied to the server's float32 weights, at bfloat16's relative precision
+    np.testing.assert_allclose(
+        agg["w"].numpy(), global_w + np.array([2.0, -1e-3, 0.25, 1e-7]), rtol=0, atol=4e-3 * 2.0
+    )
+    np.testing.assert_allclose(agg["w"].numpy()[3], 1e-7, rtol=1e-2)  # far below float16
+
+
+def test_a_half_update_carrying_nan_bits_is_rejected(caplog):
+    import torch as t
+
+    s = FedRecAvg(min_available_nodes=1, min_train_nodes=1, wire_dtype="half")
+    configure(s, arrays(w=np.zeros(2, np.float32)))
+    nan_bits = t.tensor([float("nan"), 1.0]).bfloat16().view(t.int16)
+    bad = reply(
+        1, RecordDict({"arrays": arrays(w=nan_bits), "metrics": MetricRecord({"num-examples": 3})})
+    )
+    with caplog.at_level(logging.WARNING):
+        assert s.aggregate_train(1, [bad]) == (None, None)
+    assert "NaN or infinite" in caplog.text
+
+
+def test_int8_updates_are_unbiased_and_within_one_step_of_each_row_scale():
+    from common.wire import decode_update, encode_update, update_shape
+
+    rng = np.random.default_rng(0)
+    delta = {
+        "emb": (rng.normal(size=(5, 7)) * np.array([1e-6, 1e-3, 1.0, 0.0, 30.0])[:, None]),
+        "bias": rng.normal(size=3) * 1e-4,
+    }
+    delta = {k: v.astype(np.float32) for k, v in delta.items()}
+    zeros = {k: np.zeros_like(v) for k, v in delta.items()}
+    shapes = {k: v.shape for k, v in delta.items()}
+    gen = torch.Generator().manual_seed(0)
+    decoded = []
+    for _ in range(2000):
+        wire = encode_update(delta, zeros, "int8", generator=gen)
+        assert wire["emb"].dtype == "int8"
+        assert tuple(wire["emb"].shape) == update_shape((5, 7), "int8")
+        decoded.append(decode_update(wire, shapes))
+    for key, value in delta.items():
+        rows = value.reshape(value.shape[0] if value.ndim > 1 else 1, -1)
+        step = np.abs(rows).max(1, keepdims=True) * (1 + 2**-7) / 127  # one code of each row
+        for d in decoded[:20]:
+            got = d[key].reshape(rows.shape)
+            assert np.all(np.abs(got - rows) <= step * 1.01)  # each row at its own scale
+        mean = np.mean([d[key] for d in decoded], axis=0).reshape(rows.shape)
+        assert np.all(np.abs(mean - rows) <= step * 0.1)  # stochastic rounding: unbiased
+    assert np.all(decoded[0]["emb"][3] == 0.0)  # an all-zero row stays exactly zero

@@ -9,7 +9,7 @@ from transformers import BertConfig, BertModel
 from common.backbone import ItemStates
 from common.config import Config
 from common.model import Recommender
-from common.train import Examples, build_examples
+from common.records import Records, build_records
 
 NUM_ITEMS = 24
 TOKENS = 5
@@ -21,7 +21,7 @@ TINY_CONFIG = dict(
     model_dim=16,
     bottleneck_dim=8,
     history_len=6,
-    num_negatives=5,
+    num_negatives=0,
     batch_size=8,
     user_layers=1,
     user_heads=2,
@@ -69,7 +69,12 @@ def tiny_setup(
     return cfg, model, ItemStates(states, mask), bert
 
 
-def tiny_examples(num_users: int = 4, length: int = 12, seed: int = 0) -> Examples:
+def tiny_sequences(num_users: int = 4, length: int = 12, seed: int = 0) -> list[np.ndarray]:
+    """Users' item sequences without repeats."""
     rng = np.random.default_rng(seed)
-    seqs = [rng.permutation(NUM_ITEMS)[:length] for _ in range(num_users)]
-    return build_examples(seqs, history_len=6)
+    return [rng.permutation(NUM_ITEMS)[:length] for _ in range(num_users)]
+
+
+def tiny_records(num_users: int = 4, length: int = 12, seed: int = 0) -> Records:
+    """Windows (history length 6) of random sequences."""
+    return build_records(tiny_sequences(num_users, length, seed), history_len=6)

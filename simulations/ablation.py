@@ -1,0 +1,162 @@
+"""fedrec-ablation: which federated levers matter, at equal rounds.
+
+Runs variants of the federated benchmark scenario (simulations/configs/bench-fed.toml) for the
+same number of rounds with the ServerApp, strategies and ClientApp in this process
+(simulations/inprocess.py: Flower's runtime left out, the code the same), and records each
+variant's validation NDCG@10 curve. The variants are data: simulations/configs/ablation-fed.toml,
+one table per variant with the run-config keys it changes. Validation only: the test split is
+never read here.
+
+Writes simulations/results/ablation_fed.json and ablation_fed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+from simulations import report
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "simulations" / "configs"
+RESULTS = ROOT / "simulations" / "results"
+RESULT_FILE = "ablation_fed.json"
+
+
+def run_variant(name: str, overrides: dict, *, rounds: int, scenario: Path, work: Path) -> dict:
+    """One variant in this process: its validation curve and timing."""
+    import torch
+
+    from common.config import Config
+    from simulations.inprocess import run_inprocess
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    spec = tomllib.loads(scenario.read_text())
+    out = work / name
+    cfg = Config().merged(
+        {
+            **spec.get("run", {}),
+            "num-server-rounds": rounds,
+            "fraction-evaluate": 0.0,
+            **overrides,
+            "output-dir": str(out),
+        }
+    )
+    start = time.perf_counter()
+    run_inprocess(cfg)
+    rows = report.read_metrics(out / "metrics.jsonl")
+    curve = [(r["round"], r["val_ndcg@10"]) for r in rows if r.get("val_ndcg@10") is not None]
+    trained = [r for r in rows if r.get("round", 0) > 0]
+    return {
+        "name": name,
+        "overrides": overrides,
+        "rounds": rounds,
+        "val_ndcg@10_final": curve[-1][1],
+        "val_ndcg@10_best": max(v for _, v in curve),
+        "curve": curve,
+        "seconds": time.perf_counter() - start,
+        "bytes_per_client": trained[-1].get("bytes_per_client"),
+    }
+
+
+def markdown(rows: list[dict], rounds: int) -> str:
+    lines = [
+        f"| variant | changes from the benchmark scenario | val NDCG@10 at round {rounds} "
+        "| best val NDCG@10 (round) | s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        best_round = max(r["curve"], key=lambda c: c[1])[0]
+        changes = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "—"
+        lines.append(
+            f"| {r['name']} | {changes} | {r['val_ndcg@10_final']:.4f} "
+            f"| {r['val_ndcg@10_best']:.4f} ({best_round}) | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedrec-ablation", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=100, help="rounds per variant (100)")
+    parser.add_argument("--only", nargs="*", help="variant names to (re)run; others are kept")
+    parser.add_argument("--jobs", type=int, default=2, help="variants run at once (2)")
+    parser.add_argument(
+        "--variants", type=Path, default=CONFIGS / "ablation-fed.toml", help="variants file"
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    args = parser.parse_args(argv)
+    variants = tomllib.loads(args.variants.read_text())
+    scenario = CONFIGS / "bench-fed.toml"
+
+    if args.one:  # a worker process
+        with tempfile.TemporaryDirectory(prefix="fedrec-ablation-") as tmp:
+            row = run_variant(
+                args.one, variants[args.one], rounds=args.rounds, scenario=scenario, work=Path(tmp)
+            )
+        print(json.dumps(row))
+        return 0
+
+    path = args.results / RESULT_FILE
+    done = {r["name"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+    todo = [n for n in variants if args.only is None or n in args.only]
+    running: list[tuple[str, subprocess.Popen]] = []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def finish(name: str, proc: subprocess.Popen) -> None:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            print(f"variant {name} failed (exit {proc.returncode})", flush=True)
+            return
+        done[name] = json.loads(out.strip().splitlines()[-1])
+        rows = [done[n] for n in variants if n in done]
+        report.write_results(path, rows, markdown(rows, args.rounds))
+        print(f"{name}: val NDCG@10 {done[name]['val_ndcg@10_final']:.4f}", flush=True)
+
+    for name in todo:
+        while len(running) >= args.jobs:
+            for item in list(running):
+                if item[1].poll() is not None:
+                    running.remove(item)
+                    finish(*item)
+            time.sleep(2)
+        cmd = [
+            sys.executable,
+            "-m",
+            "simulations.ablation",
+            "--one",
+            name,
+            "--rounds",
+            str(args.rounds),
+            "--variants",
+            str(args.variants),
+        ]
+        running.append(
+            (
+                name,
+                subprocess.Popen(
+                    cmd,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                ),
+            )
+        )
+    for item in running:
+        finish(*item)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Flower's ServerApp and ClientApp in one process, without Flower's transport.
+
+`InProcessGrid` is a Flower `Grid` that hands every message straight to a `ClientApp` in this
+process, with one `Context` per node (node config `partition-id` / `num-partitions`, state kept
+across rounds, as in Flower's simulation). The ServerApp's `run_federation`, the strategies and
+the ClientApp's handlers run unchanged; what is left out is Flower's runtime (SuperLink, Ray
+workers, serialization). Used for quick ablations, for measuring what that runtime costs per
+client (simulations/fed_cost.py), and in tests.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.config import Config
+
+RUN_ID = 1
+SUPERLINK = 0  # Flower's node id of the SuperLink (the server side of every message)
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process (sequential)."""
+
+    def __init__(self, client_app: ClientApp, *, num_nodes: int, run_config: dict | None = None):
+        self.client_app = client_app
+        # the identity a ServerApp process gets from Flower's runtime (messages carry it)
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, SUPERLINK
+        self.contexts = {
+            node_id: Context(
+                run_id=RUN_ID,
+                node_id=node_id,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
+            for i, node_id in enumerate(range(1, num_nodes + 1))
+        }
+        self.replies: dict[str, Message] = {}
+        self.client_seconds = 0.0  # time spent inside the ClientApp, all messages together
+        self._run = None
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            start = time.perf_counter()
+            try:
+                reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            except Exception as exc:  # as Flower does: the node's failure becomes an error reply
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            self.client_seconds += time.perf_counter() - start
+            self.replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in message_ids if i in self.replies]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return list(self.pull_messages(self.push_messages(messages)))
+
+
+def run_inprocess(cfg: Config, *, num_nodes: int | None = None) -> InProcessGrid:
+    """Run the federation the config describes, every node in this process."""
+    from client.client_app import create_app
+    from common.task import load_data, num_partitions
+    from server.server_app import run_federation
+
+    nodes = num_nodes or num_partitions(cfg, load_data(cfg)[1])
+    grid = InProcessGrid(create_app(cfg), num_nodes=nodes)
+    run_federation(grid, cfg)
+    return grid

@@ -1,0 +1,309 @@
+"""fedrec-speed-benchmark: training throughput before and after, k = 1 against k = 0, and what
+a federated pass costs against a central epoch, measured side by side in one run.
+
+1. **Before / after.** One epoch of the per-example trainer of an earlier revision
+   (`--baseline-rev`, checked out into a temporary git worktree and run in a subprocess with
+   that revision's benchmark settings) and one epoch of the sequence trainer: predicted
+   interactions per second and seconds per epoch. The old k = 1 trainer runs under a time
+   budget and its epoch time is extrapolated from its rate (a full epoch takes about half an
+   hour).
+2. **k = 1 / k = 0.** The sequence trainer with LoRA in the top MiniLM block (its adapted item
+   table recomputed every adapter-refresh-steps steps) against the same trainer at k = 0.
+3. **Federated pass / central epoch.** One round in which every one of the 943 one-user
+   clients of the federated benchmark trains once (fraction-train 1, no evaluation), run
+   in-process (the ServerApp, strategy and ClientApp code alone, simulations/inprocess.py) and
+   through Flower's simulation runtime (simulations/run.py, real SuperLink, Ray workers),
+   against one central epoch of the same model. The difference between the two federated
+   timings is what Flower's runtime costs per client.
+
+Writes simulations/results/speed.json, speed.md and the README block between
+<!-- results:speed --> markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+
+from common.config import Config
+from common.task import build_model, item_states, load_data, train_records
+from common.train import train
+from simulations import report
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "simulations" / "configs"
+RESULTS = ROOT / "simulations" / "results"
+RESULT_FILE = "speed.json"
+README = ROOT / "README.md"
+MARK_BEGIN, MARK_END = "<!-- results:speed -->", "<!-- /results:speed -->"
+BASELINE_REV = "ed20566"  # the last revision with the per-example trainer
+# that revision's central benchmark settings (its simulations/configs/bench-central*.toml)
+BASELINE_RUNS = {
+    "k0": {"adapter-k": 0, "batch-size": 256, "learning-rate": 0.002},
+    "k1": {
+        "adapter-k": 1,
+        "max-tokens": 16,
+        "num-negatives": 16,
+        "batch-size": 64,
+        "learning-rate": 0.002,
+    },
+}
+# Run inside the baseline worktree: its own API (examples, not records).
+BASELINE_SNIPPET = """
+import json, sys, torch
+from common.config import Config
+from common.task import build_model, item_states, load_data, train_examples
+from common.train import train
+torch.set_num_threads(int(sys.argv[3]))
+cfg = Config.from_mapping(json.loads(sys.argv[1]))
+budget = float(sys.argv[2]) or None
+data, splits = load_data(cfg)
+items = item_states(cfg, data.catalog)
+model = build_model(cfg, num_items=len(data.catalog))
+examples = train_examples(cfg, list(splits))
+r = train(model=model, cfg=cfg, examples=examples, items=items, epochs=1, seed=0,
+          max_seconds=budget)
+done = min(r.steps * cfg.batch_size, len(examples))
+print(json.dumps({"examples": len(examples), "done": done, "seconds": r.seconds}))
+"""
+
+
+def baseline_epoch(rev: str, name: str, *, budget_s: float, threads: int) -> dict:
+    """One (possibly budgeted) epoch of the per-example trainer at `rev`."""
+    with tempfile.TemporaryDirectory(prefix="fedrec-baseline-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(tree), rev],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        try:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    BASELINE_SNIPPET,
+                    json.dumps(BASELINE_RUNS[name]),
+                    str(budget_s),
+                    str(threads),
+                ],
+                cwd=tree,
+                env={"PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+        finally:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False
+            )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    rate = got["done"] / got["seconds"]
+    return {
+        "trainer": f"per-example ({rev})",
+        "adapter_k": int(BASELINE_RUNS[name]["adapter-k"]),
+        "config": BASELINE_RUNS[name],
+        "targets": got["examples"],
+        "targets_per_s": rate,
+        "seconds_per_epoch": got["examples"] / rate,
+        "extrapolated": got["done"] < got["examples"],
+    }
+
+
+def sequence_epoch(cfg: Config) -> dict:
+    """One epoch of the sequence trainer."""
+    dataset, splits = load_data(cfg)
+    items = item_states(cfg, dataset.catalog)  # cache built outside the timing
+    model = build_model(cfg, num_items=len(dataset.catalog))
+    records = train_records(cfg, list(splits))
+    result = train(model=model, cfg=cfg, records=records, items=items, epochs=1, seed=cfg.seed)
+    return {
+        "trainer": "sequence",
+        "adapter_k": cfg.adapter_k,
+        "config": {k: v for k, v in cfg.to_mapping().items() if Config().to_mapping()[k] != v},
+        "targets": result.num_targets,
+        "targets_per_s": result.num_targets / result.seconds,
+        "seconds_per_epoch": result.seconds,
+        "steps": result.steps,
+        "extrapolated": False,
+    }
+
+
+def federated_pass(scenario: Path, *, flower: bool, work: Path) -> dict:
+    """One round in which every client trains once: its seconds and per-client time split."""
+    spec = tomllib.loads(scenario.read_text())
+    overrides = {
+        "num-server-rounds": 1,
+        "fraction-train": 1.0,
+        "fraction-evaluate": 0.0,
+        "central-eval": False,
+    }
+    out = work / ("flower" if flower else "inprocess")
+    if flower:
+        from simulations.run import load_scenario, run_scenario
+
+        outcome = run_scenario(
+            load_scenario(scenario),
+            output=out,
+            run_overrides=overrides,
+            overwrite=True,
+            poll_s=2.0,
+        )
+        if not outcome.ok:
+            raise RuntimeError(f"the Flower pass ended {outcome.status}; see {out}/run.log")
+        workers = max(os.cpu_count() // spec["federation"]["client-resources-num-cpus"], 1)
+    else:  # one process, one thread: as one of Flower's Ray workers runs a client
+        from simulations.inprocess import run_inprocess
+
+        cfg = Config().merged({**spec.get("run", {}), **overrides, "output-dir": str(out)})
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            run_inprocess(cfg)
+        finally:
+            torch.set_num_threads(threads)
+        workers = 1
+    row = report.read_metrics(out / "metrics.jsonl")[-1]
+    return {
+        "runtime": "Flower simulation (SuperLink, Ray)" if flower else "in-process",
+        "workers": workers,
+        "clients": row["clients_train"],
+        "seconds": row["round_s"],
+        "seconds_per_client": row["round_s"] * workers / row["clients_train"],
+        "client_update_s_mean": row.get("client_update_s_mean"),
+        "client_train_s_mean": row.get("client_train_s"),
+        "bytes_per_client": row.get("bytes_per_client"),
+    }
+
+
+def markdown(result: dict) -> str:
+    """The README block: three small tables."""
+    lines = [
+        "| trainer | k | predicted interactions / s | s / epoch |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in result["epochs"]:
+        extra = " (extrapolated)" if r["extrapolated"] else ""
+        lines.append(
+            f"| {r['trainer']} | {r['adapter_k']} | {r['targets_per_s']:,.0f} "
+            f"| {r['seconds_per_epoch']:.1f}{extra} |"
+        )
+    ratios = result["ratios"]
+    lines += [
+        "",
+        "| ratio | value |",
+        "| --- | --- |",
+        *(f"| {k} | {v:.2f} |" for k, v in ratios.items()),
+    ]
+    if result.get("passes"):
+        lines += [
+            "",
+            "| federated pass (943 clients, one round) | workers | s | worker-s per client "
+            "| of which in the ClientApp | of which training |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for p in result["passes"]:
+            lines.append(
+                f"| {p['runtime']} | {p['workers']} | {p['seconds']:.1f} "
+                f"| {p['seconds_per_client']:.3f} | {p['client_update_s_mean']:.3f} "
+                f"| {p['client_train_s_mean']:.3f} |"
+            )
+    lines += ["", result["machine"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedrec-speed-benchmark",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Takes about 15 minutes on a 2-core CPU.",
+    )
+    parser.add_argument(
+        "--baseline-rev",
+        default=BASELINE_REV,
+        help=f"git revision with the per-example trainer (default: {BASELINE_REV})",
+    )
+    parser.add_argument(
+        "--baseline-k1-budget-s",
+        type=float,
+        default=120.0,
+        help="time budget of the old k = 1 epoch, extrapolated to a full one (default: 120)",
+    )
+    parser.add_argument("--skip-baseline", action="store_true", help="only the new trainer")
+    parser.add_argument("--skip-flower", action="store_true", help="no Flower-runtime pass")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+
+    epochs = []
+    if not args.skip_baseline:
+        for name, budget in (("k0", 0.0), ("k1", args.baseline_k1_budget_s)):
+            print(f"== before: per-example trainer at {args.baseline_rev}, {name}", flush=True)
+            epochs.append(baseline_epoch(args.baseline_rev, name, budget_s=budget, threads=threads))
+            print(json.dumps(epochs[-1]), flush=True)
+    after = {}
+    for name in ("bench-central", "bench-central-k1"):
+        print(f"== after: sequence trainer, {name}", flush=True)
+        after[name] = sequence_epoch(Config.from_toml(CONFIGS / f"{name}.toml"))
+        epochs.append(after[name])
+        print(json.dumps(after[name]), flush=True)
+    ratios = {
+        "k = 1 / k = 0 throughput (sequence trainer)": after["bench-central-k1"]["targets_per_s"]
+        / after["bench-central"]["targets_per_s"]
+    }
+    if not args.skip_baseline:
+        for k, name in ((0, "bench-central"), (1, "bench-central-k1")):
+            before = next(e for e in epochs if e["adapter_k"] == k and e["trainer"] != "sequence")
+            ratios[f"after / before throughput, k = {k}"] = (
+                after[name]["targets_per_s"] / before["targets_per_s"]
+            )
+
+    passes = []
+    with tempfile.TemporaryDirectory(prefix="fedrec-pass-") as tmp:
+        scenario = CONFIGS / "bench-fed.toml"
+        for flower in (False,) if args.skip_flower else (False, True):
+            print(f"== federated pass, {'Flower runtime' if flower else 'in-process'}", flush=True)
+            passes.append(federated_pass(scenario, flower=flower, work=Path(tmp)))
+            print(json.dumps(passes[-1]), flush=True)
+    central_s = after["bench-central"]["seconds_per_epoch"]
+    for p in passes:
+        ratios[f"federated pass ({p['runtime']}) / central epoch"] = p["seconds"] / central_s
+    if len(passes) == 2:  # worker-seconds per client: Flower's runtime minus our code alone
+        extra = passes[1]["seconds_per_client"] - passes[0]["seconds_per_client"]
+        ratios["Flower runtime's own seconds per client update (one worker)"] = extra
+
+    result = {
+        "epochs": epochs,
+        "passes": passes,
+        "ratios": ratios,
+        "machine": (
+            f"{platform.machine()}, {threads} torch threads, torch {torch.__version__}, "
+            f"measured {time.strftime('%Y-%m-%d')}; one run, variants side by side."
+        ),
+    }
+    report.write_results(
+        args.results / RESULT_FILE,
+        result,
+        markdown(result),
+        readme=README,
+        begin=MARK_BEGIN,
+        end=MARK_END,
+    )
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
