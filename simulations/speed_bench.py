@@ -9,12 +9,13 @@ a federated pass costs against a central epoch, measured side by side in one run
    hour).
 2. **k = 1 / k = 0.** The sequence trainer with LoRA in the top MiniLM block (its adapted item
    table recomputed every adapter-refresh-steps steps) against the same trainer at k = 0.
-3. **Federated pass / central epoch.** One round in which every one of the 943 one-user
-   clients of the federated benchmark trains once (fraction-train 1, no evaluation), run
-   in-process (the ServerApp, strategy and ClientApp code alone, simulations/inprocess.py) and
-   through Flower's simulation runtime (simulations/run.py, real SuperLink, Ray workers),
-   against one central epoch of the same model. The difference between the two federated
-   timings is what Flower's runtime costs per client.
+3. **Federated pass / central epoch.** As many client updates as there are clients (ten
+   rounds of the federated benchmark at a tenth of the 943 one-user clients per round, no
+   evaluation), run in-process (the ServerApp, strategy and ClientApp code alone,
+   simulations/inprocess.py) and through Flower's simulation runtime (simulations/run.py, real
+   SuperLink, Ray workers), against one central epoch of the same model; all use both cores.
+   The difference between the two federated timings is what Flower's runtime costs. The same
+   pass of the k = 1 scenario (simulations/configs/bench-fed-k1.toml) runs in-process.
 
 Writes simulations/results/speed.json, speed.md and the README block between
 <!-- results:speed --> markers.
@@ -141,15 +142,18 @@ def sequence_epoch(cfg: Config) -> dict:
 
 
 def federated_pass(scenario: Path, *, flower: bool, work: Path) -> dict:
-    """One round in which every client trains once: its seconds and per-client time split."""
+    """Rounds of the benchmark scenario that train as many clients as there are (a tenth per
+    round: ten rounds), without evaluation: their seconds and the per-client time split."""
     spec = tomllib.loads(scenario.read_text())
+    fraction = float(spec["run"]["fraction-train"])
+    rounds = max(round(1.0 / fraction), 1)
     overrides = {
-        "num-server-rounds": 1,
-        "fraction-train": 1.0,
+        "num-server-rounds": rounds,
         "fraction-evaluate": 0.0,
         "central-eval": False,
     }
     out = work / ("flower" if flower else "inprocess")
+    cfg_k = spec["run"].get("adapter-k", 0)
     if flower:
         from simulations.run import load_scenario, run_scenario
 
@@ -163,27 +167,31 @@ def federated_pass(scenario: Path, *, flower: bool, work: Path) -> dict:
         if not outcome.ok:
             raise RuntimeError(f"the Flower pass ended {outcome.status}; see {out}/run.log")
         workers = max(os.cpu_count() // spec["federation"]["client-resources-num-cpus"], 1)
-    else:  # one process, one thread: as one of Flower's Ray workers runs a client
+    else:  # the same code in one process, with as many threads as the central epoch
         from simulations.inprocess import run_inprocess
 
         cfg = Config().merged({**spec.get("run", {}), **overrides, "output-dir": str(out)})
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            run_inprocess(cfg)
-        finally:
-            torch.set_num_threads(threads)
+        run_inprocess(cfg)
         workers = 1
-    row = report.read_metrics(out / "metrics.jsonl")[-1]
+    trained = [r for r in report.read_metrics(out / "metrics.jsonl") if r.get("round", 0) > 0]
+    clients = sum(r["clients_train"] for r in trained)
+    seconds = sum(r["round_s"] for r in trained)
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in trained if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
     return {
         "runtime": "Flower simulation (SuperLink, Ray)" if flower else "in-process",
+        "adapter_k": int(cfg_k),
         "workers": workers,
-        "clients": row["clients_train"],
-        "seconds": row["round_s"],
-        "seconds_per_client": row["round_s"] * workers / row["clients_train"],
-        "client_update_s_mean": row.get("client_update_s_mean"),
-        "client_train_s_mean": row.get("client_train_s"),
-        "bytes_per_client": row.get("bytes_per_client"),
+        "rounds": len(trained),
+        "clients": clients,
+        "seconds": seconds,
+        "seconds_per_client": seconds * workers / clients,
+        "client_update_s_mean": mean("client_update_s_mean"),
+        "client_train_s_mean": mean("client_train_s"),
+        "bytes_per_client": mean("bytes_per_client"),
     }
 
 
@@ -209,13 +217,14 @@ def markdown(result: dict) -> str:
     if result.get("passes"):
         lines += [
             "",
-            "| federated pass (943 clients, one round) | workers | s | worker-s per client "
+            "| federated pass | k | rounds | client updates | workers | s | worker-s per client "
             "| of which in the ClientApp | of which training |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for p in result["passes"]:
             lines.append(
-                f"| {p['runtime']} | {p['workers']} | {p['seconds']:.1f} "
+                f"| {p['runtime']} | {p['adapter_k']} | {p['rounds']} | {p['clients']} "
+                f"| {p['workers']} | {p['seconds']:.1f} "
                 f"| {p['seconds_per_client']:.3f} | {p['client_update_s_mean']:.3f} "
                 f"| {p['client_train_s_mean']:.3f} |"
             )
@@ -271,18 +280,27 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     passes = []
+    runs = [("bench-fed.toml", False), ("bench-fed-k1.toml", False)]
+    if not args.skip_flower:
+        runs.insert(1, ("bench-fed.toml", True))
     with tempfile.TemporaryDirectory(prefix="fedrec-pass-") as tmp:
-        scenario = CONFIGS / "bench-fed.toml"
-        for flower in (False,) if args.skip_flower else (False, True):
-            print(f"== federated pass, {'Flower runtime' if flower else 'in-process'}", flush=True)
-            passes.append(federated_pass(scenario, flower=flower, work=Path(tmp)))
+        for i, (scenario, flower) in enumerate(runs):
+            where = "Flower runtime" if flower else "in-process"
+            print(f"== federated pass, {scenario}, {where}", flush=True)
+            passes.append(
+                federated_pass(CONFIGS / scenario, flower=flower, work=Path(tmp) / str(i))
+            )
             print(json.dumps(passes[-1]), flush=True)
+    k0 = [p for p in passes if p["adapter_k"] == 0]
     central_s = after["bench-central"]["seconds_per_epoch"]
-    for p in passes:
-        ratios[f"federated pass ({p['runtime']}) / central epoch"] = p["seconds"] / central_s
-    if len(passes) == 2:  # worker-seconds per client: Flower's runtime minus our code alone
-        extra = passes[1]["seconds_per_client"] - passes[0]["seconds_per_client"]
-        ratios["Flower runtime's own seconds per client update (one worker)"] = extra
+    for p in k0:
+        ratios[f"federated pass ({p['runtime']}) / central epoch, k = 0"] = p["seconds"] / central_s
+    if len(k0) == 2:  # what Flower's runtime adds, per client update, in wall seconds
+        ratios["Flower runtime's added wall seconds per client update"] = (
+            k0[1]["seconds"] - k0[0]["seconds"]
+        ) / k0[1]["clients"]
+    k1 = next(p for p in passes if p["adapter_k"] == 1)
+    ratios["federated pass k = 1 / k = 0 (in-process)"] = k1["seconds"] / k0[0]["seconds"]
 
     result = {
         "epochs": epochs,
