@@ -24,10 +24,8 @@ import tomllib
 from pathlib import Path
 
 from simulations import report
+from simulations.report import CONFIGS, RESULTS, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "simulations" / "configs"
-RESULTS = ROOT / "simulations" / "results"
 RESULT_FILE = "ablation_fed.json"
 
 

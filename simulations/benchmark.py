@@ -37,12 +37,9 @@ from common.task import build_model, eval_cases, item_states, load_data, train_r
 from common.train import evaluate, train
 from common.weights import load_trainable_state, trainable_state
 from simulations import report
+from simulations.report import CONFIGS, README, RESULTS, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "simulations" / "configs"
-RESULTS = ROOT / "simulations" / "results"
 QUALITY_FILE = "quality_ml100k.json"
-README = ROOT / "README.md"
 MARK_BEGIN, MARK_END = "<!-- results:quality -->", "<!-- /results:quality -->"
 METRICS = ("hr@10", "ndcg@10", "mrr@10")
 SEEDS = (42, 43, 44)

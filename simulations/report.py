@@ -30,6 +30,11 @@ from common.metrics import parse_metrics_line
 
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
+# where the benchmarks find their scenarios and write their results
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "simulations" / "configs"
+RESULTS = ROOT / "simulations" / "results"
+README = ROOT / "README.md"
 REPORT_FILE = "report.md"
 PLOT_FILE = "metrics.png"
 TENSORBOARD_DIR = "tensorboard"

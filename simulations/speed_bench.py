@@ -40,12 +40,9 @@ from common.config import Config
 from common.task import build_model, item_states, load_data, train_records
 from common.train import train
 from simulations import report
+from simulations.report import CONFIGS, README, RESULTS, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "simulations" / "configs"
-RESULTS = ROOT / "simulations" / "results"
 RESULT_FILE = "speed.json"
-README = ROOT / "README.md"
 MARK_BEGIN, MARK_END = "<!-- results:speed -->", "<!-- /results:speed -->"
 BASELINE_REV = "ed20566"  # the last revision with the per-example trainer
 # that revision's central benchmark settings (its simulations/configs/bench-central*.toml)
