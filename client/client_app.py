@@ -19,10 +19,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from client.installed import install
 from common.config import Config
@@ -46,6 +48,7 @@ from common.wire import decode_weights, encode_update
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "privacy-ledger.json"
+PRIVATE_WEIGHT = 1  # under DP every client weighs the same; no example count is released
 CACHE_DIR = "cache"
 # node-config keys of a device (fedrec-client join writes them)
 DATA_PATH = "data-path"
@@ -132,14 +135,25 @@ def node_of(context: Context, base: Config, msg: Message | None = None) -> Node:
 def _global_model(node: Node, msg: Message):
     """The model with the global trainable tensors applied, and those tensors (float32).
 
-    Non-private clients reuse their process's model (every trainable tensor is loaded below);
-    DP-SGD gets a fresh one, as Opacus leaves its own attributes on the parameters.
+    Clients reuse their process's model (every trainable tensor is loaded below); DP-SGD gets
+    a fresh one, as Opacus leaves its own attributes on the parameters.
     """
-    build = build_model if node.cfg.dp_enabled else reusable_model
+    build = build_model if node.cfg.dp_mode == "sgd" else reusable_model
     model = build(node.cfg, num_items=len(node.catalog))
     received = decode_weights(msg.content["arrays"])
     load_trainable_state(model, received)
     return model, received
+
+
+def clip_update(
+    state: dict[str, np.ndarray], received: dict[str, np.ndarray], clip_norm: float
+) -> None:
+    """Clip the update state - received to L2 norm `clip_norm` over all tensors, in place
+    (Flower's `compute_clip_model_update`, the clipping of its `fixedclipping_mod`)."""
+    keys = list(received)
+    trained = [np.asarray(state[k], dtype=np.float32) for k in keys]
+    compute_clip_model_update(trained, [received[k] for k in keys], clip_norm)
+    state.update(zip(keys, trained, strict=True))
 
 
 def train_handler(msg: Message, context: Context, base: Config) -> Message:
@@ -150,7 +164,8 @@ def train_handler(msg: Message, context: Context, base: Config) -> Message:
     node = node_of(context, base, msg)
     cfg = node.cfg
     server_round = int(msg.content["config"].get("server-round", 1))
-    seed = cfg.seed + 100_003 * server_round + node.seed  # batches, negatives, rounding
+    # Batches, negatives and rounding are reproducible; DP noise is not (common/privacy.py).
+    seed = cfg.seed + 100_003 * server_round + node.seed
     records = train_records(cfg, node.users)
     items = item_states(cfg, node.catalog)
     loaded = time.perf_counter()
@@ -159,11 +174,11 @@ def train_handler(msg: Message, context: Context, base: Config) -> Message:
     built = time.perf_counter()
     # 3. Train, privately when enabled
     privacy = None
-    if cfg.dp_enabled:
+    if cfg.dp_mode == "sgd":
         privacy = PrivacySettings(
             ledger=PrivacyLedger.load(node.state_dir / LEDGER_FILE),
             noise_multiplier=cfg.dp_noise_multiplier,
-            max_grad_norm=cfg.dp_max_grad_norm,
+            max_grad_norm=cfg.dp_clip_norm,
             delta=cfg.dp_delta,
             target_epsilon=cfg.dp_target_epsilon,
             planned_rounds=math.ceil(cfg.num_server_rounds * cfg.fraction_train),
@@ -181,13 +196,19 @@ def train_handler(msg: Message, context: Context, base: Config) -> Message:
     except BudgetExceeded as err:
         log.warning("%s declines round %d: %s", node.name, server_round, err)
         metrics = {"num-examples": 0, "declined": 1}
-        if privacy is not None:
-            metrics["epsilon"] = privacy.ledger.epsilon(cfg.dp_delta)
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     # 4. Reply: the update of the trainable tensors, in the wire dtype
     trained = time.perf_counter()
+    state = trainable_state(model)
+    if cfg.dp_mode == "fedavg":  # DP-FedAvg: the whole update leaves the device clipped
+        clip_update(state, received, cfg.dp_clip_norm)
     rounding = torch.Generator().manual_seed(seed)  # int8 updates: stochastic rounding
-    arrays = encode_update(trainable_state(model), received, cfg.wire_dtype, generator=rounding)
+    arrays = encode_update(state, received, cfg.wire_dtype, generator=rounding)
+    if cfg.dp_enabled:  # only what is noised or public leaves a private client
+        metrics = {"num-examples": PRIVATE_WEIGHT, "declined": 0}
+        return Message(
+            RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg
+        )
     metrics = {
         "num-examples": result.num_targets,
         "declined": 0,
@@ -202,14 +223,19 @@ def train_handler(msg: Message, context: Context, base: Config) -> Message:
     }
     if node.device:  # a fresh process per message: its start-up (imports) is per round too
         metrics["startup-s"] = process_age_s
-    if result.epsilon is not None:
-        metrics["epsilon"] = result.epsilon
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def evaluate_handler(msg: Message, context: Context, base: Config) -> Message:
-    """Rank the whole catalog for this node's held-out items (seen items excluded)."""
+    """Rank the whole catalog for this node's held-out items (seen items excluded).
+
+    A private client declines: un-noised metrics of its private data would leave the device.
+    """
     node = node_of(context, base, msg)
+    if node.cfg.dp_enabled:
+        log.info("%s declines to evaluate: differential privacy is on", node.name)
+        reply = {"num-examples": 0, "declined": 1}
+        return Message(RecordDict({"metrics": MetricRecord(reply)}), reply_to=msg)
     model, _ = _global_model(node, msg)
     split = str(msg.content["config"].get("split", "valid"))
     cases = eval_cases(node.users, split)

@@ -16,6 +16,7 @@ from typing import Any
 
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 WIRE_DTYPES = ("int8", "half", "float32")  # see common/wire.py
+DP_MODES = ("off", "fedavg", "sgd")  # see common/privacy.py
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -125,15 +126,37 @@ class Config:
         ),
     )
     # --- privacy --------------------------------------------------------------------
-    dp_enabled: bool = field(default=False, metadata=_doc("Client-side Opacus DP-SGD."))
+    dp_mode: str = field(
+        default="off",
+        metadata=_doc(
+            "Differential privacy, user-level: off | fedavg (DP-FedAvg: each client clips its "
+            "whole update, the server adds Gaussian noise to the sum and accounts epsilon over "
+            "rounds; for one user per client) | sgd (DP-SGD on each client with one user's "
+            "sequence as the record, noise added on the device; for clients with many users)."
+        ),
+    )
     dp_noise_multiplier: float = field(
         default=0.0,
-        metadata=_doc("Noise multiplier; 0 = each client calibrates it once to its budget."),
+        metadata=_doc(
+            "Noise multiplier; 0 = calibrated to dp-target-epsilon (fedavg: by the server over "
+            "num-server-rounds; sgd: by each client once)."
+        ),
     )
-    dp_max_grad_norm: float = field(default=1.0, metadata=_doc("Per-example clipping norm."))
-    dp_delta: float = field(default=1e-5, metadata=_doc("Delta of the DP guarantee."))
+    dp_clip_norm: float = field(
+        default=1.0,
+        metadata=_doc(
+            "Clipping norm: of a client's whole update (fedavg), of a user's gradient (sgd)."
+        ),
+    )
+    dp_delta: float = field(
+        default=1e-5, metadata=_doc("Delta of the DP guarantee (at most 1 / number of users).")
+    )
     dp_target_epsilon: float = field(
-        default=8.0, metadata=_doc("Per-client budget; a client declines to exceed it.")
+        default=8.0,
+        metadata=_doc(
+            "Budget: of the whole federation over num-server-rounds (fedavg), of each client "
+            "(sgd: a client declines a round that would exceed it)."
+        ),
     )
     # --- evaluation and run control -------------------------------------------------
     central_eval: bool = field(
@@ -227,20 +250,41 @@ class Config:
             raise ValueError(f"dataset must be 'ml-100k' or 'path', got {self.dataset!r}.")
         if self.dataset == "path" and not self.data_path:
             raise ValueError("dataset='path' needs data-path: the directory or file to read.")
+        if self.dp_mode not in DP_MODES:
+            raise ValueError(f"dp-mode must be one of {', '.join(DP_MODES)}, got {self.dp_mode!r}.")
         if self.dp_enabled:
             if self.dp_noise_multiplier < 0:
                 raise ValueError("dp-noise-multiplier must be 0 (calibrate) or positive.")
-            if self.dp_max_grad_norm <= 0:
-                raise ValueError("dp-max-grad-norm must be positive when dp-enabled is true.")
+            if self.dp_clip_norm <= 0:
+                raise ValueError(f"dp-clip-norm must be positive, got {self.dp_clip_norm}.")
             if not 0 < self.dp_delta < 1:
                 raise ValueError(f"dp-delta must lie in (0, 1), got {self.dp_delta}.")
             if self.dp_target_epsilon <= 0:
-                raise ValueError("dp-target-epsilon must be positive when dp-enabled is true.")
-            if self.num_negatives == 0:
                 raise ValueError(
-                    "dp-enabled needs num-negatives >= 1: DP-SGD computes the item vectors "
-                    "inside each record, and the whole catalog per record is too costly."
+                    f"dp-target-epsilon must be positive, got {self.dp_target_epsilon}."
                 )
+        if self.dp_enabled and self.fraction_evaluate > 0:
+            raise ValueError(
+                f"dp-mode={self.dp_mode!r} protects users only if nothing un-noised leaves "
+                "their data: set fraction-evaluate = 0 (no per-client evaluation replies); "
+                "simulations evaluate on the server (central-eval)."
+            )
+        if self.dp_mode == "fedavg" and self.partition != "user":
+            raise ValueError(
+                "dp-mode='fedavg' protects one client's whole update, which is one user only "
+                "with partition = 'user'; for clients holding many users use dp-mode = 'sgd' "
+                "(one record per user inside each client)."
+            )
+        if self.dp_mode == "sgd" and self.num_negatives == 0:
+            raise ValueError(
+                "dp-mode='sgd' needs num-negatives >= 1: DP-SGD computes the item vectors "
+                "inside each record, and the whole catalog per record is too costly."
+            )
+
+    @property
+    def dp_enabled(self) -> bool:
+        """Whether any differential privacy is on."""
+        return self.dp_mode != "off"
 
     # --- derived paths ---------------------------------------------------------------
     @property

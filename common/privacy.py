@@ -1,8 +1,24 @@
-"""Opacus wiring and the per-client privacy ledger (example-level DP-SGD).
+"""User-level differential privacy: the two mechanisms, their accounting and their terms.
 
-The ledger is the accountant's history, [(noise multiplier, sample rate, steps), ...], kept
-on disk next to the client's data. Every round composes onto it, a restart reloads it, and a
-client refuses to train once the next round would take it past its budget.
+`dp-mode = "fedavg"` (cross-device, one user per client): DP-FedAvg (McMahan et al. 2018).
+The server samples each client independently with probability q (Poisson), every client clips
+its whole update to norm C (the server clips again: a client's word is not trusted), and the
+server adds Gaussian noise of standard deviation sigma * C to the sum before dividing by the
+expected cohort q * N. Neighbouring federations differ in one user. The server accounts
+epsilon over rounds with Opacus's RDP accountant at sampling rate q (`fedavg_epsilon`). The
+server sees each client's clipped update: it is trusted; whoever sees the models it releases
+(devices, the public) is not.
+
+`dp-mode = "sgd"` (cross-silo, many users per client): Opacus DP-SGD on the client with one
+record = one user's sequence, so the guarantee is user-level inside the silo, and the noise is
+added on the device: it holds against the server too. Each client keeps a ledger, the
+accountant's history [(noise multiplier, sample rate, steps), ...], on disk next to its data;
+every round composes onto it, a restart reloads it, and the client declines a round that would
+take it past its budget.
+
+Either way the noise comes from a generator seeded from the operating system's entropy where
+the noise is added (`secure_generator`), never from the run seed, the round or anything the
+server sends: nobody can replay it.
 """
 
 from __future__ import annotations
@@ -10,19 +26,39 @@ from __future__ import annotations
 import functools
 import json
 import os
+import secrets
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANT = "rdp"
-# Neighbouring datasets differ in one training window: up to history-len interactions of one
-# user with their targets (common/records.py). Example-level, not user-level.
-UNIT = "window"
-COMPOSITION = "cumulative"  # over every round this client has trained in
+# Neighbouring datasets differ in all of one user's interactions (both modes).
+UNIT = "user"
+COMPOSITION = {  # what an epsilon composes over
+    "fedavg": "cumulative over rounds",  # the federation's releases so far
+    "sgd": "cumulative per client, capped",  # each client's rounds; it declines beyond the cap
+}
+
+
+def secure_generator() -> torch.Generator:
+    """A torch generator for DP noise, seeded with 63 bits of the operating system's entropy.
+
+    Not a cryptographic generator (Opacus's `secure_mode` needs torchcsprng, which has no build
+    for this torch), but its seed is unknown to everyone else, so no one can replay the noise.
+    """
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def secure_numpy_rng() -> np.random.Generator:
+    """A numpy generator seeded from the operating system's entropy (server-side DP noise and
+    Poisson sampling of clients)."""
+    return np.random.default_rng(secrets.randbits(128))
 
 
 class BudgetExceeded(RuntimeError):
@@ -63,6 +99,7 @@ class PrivacyLedger:
                 {
                     "accountant": ACCOUNTANT,
                     "unit": UNIT,
+                    "composition": COMPOSITION["sgd"],
                     "noise_multiplier": self.noise_multiplier,
                     "history": [list(h) for h in self.history],
                 },
@@ -131,12 +168,21 @@ def choose_noise_multiplier(
     return ledger.noise_multiplier
 
 
-def guarantee(epsilon: float, delta: float) -> dict[str, object]:
-    """An epsilon with everything needed to read it."""
+def fedavg_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float):
+    """DP-FedAvg's epsilon at `delta` after `rounds` releases, clients Poisson-sampled at
+    `sample_rate` (RDP accountant)."""
+    if rounds <= 0:
+        return 0.0
+    return rdp_epsilon(((float(noise_multiplier), float(sample_rate), int(rounds)),), delta)
+
+
+def guarantee(epsilon: float | None, delta: float, mode: str) -> dict[str, object]:
+    """An epsilon with everything needed to read it (the keys of a metrics row)."""
     return {
         "epsilon": epsilon,
-        "delta": delta,
-        "unit": UNIT,
-        "accountant": ACCOUNTANT,
-        "composition": COMPOSITION,
+        "dp_delta": delta,
+        "dp_unit": UNIT,
+        "dp_mode": mode,
+        "dp_accountant": ACCOUNTANT,
+        "dp_composition": COMPOSITION[mode],
     }

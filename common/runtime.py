@@ -585,14 +585,16 @@ class MetricsTail:
 
 def progress_header(row: Mapping[str, Any], config: Mapping[str, Any]) -> str:
     """The line printed once before the first round: what the epsilon column means."""
-    if finite_number(row.get("epsilon_max")) is None and not config.get("dp-enabled"):
+    mode = row.get("dp_mode") or config.get("dp-mode") or "off"
+    if mode == "off":
         return "Differential privacy is off: no epsilon is reported."
     delta = row.get("dp_delta", config.get("dp-delta"))
-    unit = row.get("epsilon_unit") or "record"
+    what = "of the federation" if mode == "fedavg" else "cap on every client's"
     return (
-        f"eps = largest epsilon over clients ({unit}-level, delta={delta}, "
-        f"{row.get('accountant') or 'rdp'} accountant, "
-        f"{row.get('composition') or 'cumulative'} over rounds)"
+        f"eps = epsilon {what} (DP-{'FedAvg' if mode == 'fedavg' else 'SGD'}, "
+        f"{row.get('dp_unit') or 'user'}-level, delta={delta}, "
+        f"{row.get('dp_accountant') or 'rdp'} accountant, "
+        f"{row.get('dp_composition') or 'cumulative'})"
     )
 
 
@@ -620,7 +622,7 @@ def progress_line(row: Mapping[str, Any], *, total_rounds: int | None, wall_s: f
     ]
     if ndcg:
         parts.append("NDCG@10 " + " ".join(ndcg))
-    if (eps := finite_number(row.get("epsilon_max"))) is not None:
+    if (eps := finite_number(row.get("epsilon"))) is not None:
         parts.append(f"eps {eps:.3f}")
     elapsed = finite_number(row.get("elapsed_s"))
     parts.append(f"{elapsed if elapsed is not None else wall_s:.1f} s")

@@ -24,6 +24,7 @@ from common.data import (
     partition_users,
     split_by_user,
 )
+from common.metrics import rank_of_target, ranking_metrics
 from common.model import Recommender
 from common.records import Records, build_records
 from common.train import EvalCase
@@ -134,10 +135,19 @@ def _hidden_size(backbone: str) -> int:
 
 
 def train_records(cfg: Config, users: list[UserSplit]) -> Records:
-    """Training records of these users: windows of their train interactions only."""
-    return build_records(
-        [u.train for u in users], history_len=cfg.history_len, stride=cfg.window_stride
-    )
+    """Training records of these users: windows of their train interactions only.
+
+    Under dp-mode = "sgd" a record must be a whole user (DP-SGD clips per record): each user
+    gives one window, the most recent history-len + 1 interactions, every position a target.
+    """
+    seqs = [u.train for u in users]
+    if cfg.dp_mode == "sgd":
+        records = build_records(seqs, history_len=cfg.history_len, stride=cfg.history_len)
+        if not len(records):
+            return records
+        newest = np.flatnonzero(np.r_[records.user[1:] != records.user[:-1], True])
+        return records.select(newest)  # windows are oldest first within a user
+    return build_records(seqs, history_len=cfg.history_len, stride=cfg.window_stride)
 
 
 def eval_cases(users: list[UserSplit], split: str) -> list[EvalCase]:
@@ -152,3 +162,17 @@ def eval_cases(users: list[UserSplit], split: str) -> list[EvalCase]:
             seen = np.append(u.train, u.valid) if u.valid >= 0 else u.train
             cases.append(EvalCase(seen, u.test, seen))
     return cases
+
+
+def popularity_metrics(users: list[UserSplit], num_items: int, split: str) -> dict[str, float]:
+    """The popularity baseline on `split`: items ranked by how often they occur before that
+    split's targets (train interactions, plus the validation item for the test split)."""
+    counts = np.zeros(num_items)
+    for u in users:
+        np.add.at(counts, u.train, 1.0)
+        if split == "test" and u.valid >= 0:
+            counts[u.valid] += 1.0
+    # a tiny id-based jitter breaks count ties deterministically (ties would count against)
+    scores = counts + np.linspace(0, 1e-3, num_items)
+    ranks = [rank_of_target(scores, c.target, c.exclude) for c in eval_cases(users, split)]
+    return ranking_metrics(np.array(ranks))

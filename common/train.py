@@ -33,7 +33,13 @@ from common.backbone import ItemStates
 from common.config import Config
 from common.metrics import ranking_metrics
 from common.model import NEG_INF, Recommender
-from common.privacy import BudgetExceeded, PrivacyLedger, choose_noise_multiplier
+from common.privacy import (
+    ACCOUNTANT,
+    BudgetExceeded,
+    PrivacyLedger,
+    choose_noise_multiplier,
+    secure_generator,
+)
 from common.records import PAD, Records, left_pad
 
 BUCKET = 256  # items per length bucket when encoding the catalog through adapted blocks
@@ -229,7 +235,7 @@ def record_loss(
 
 @dataclass(frozen=True)
 class PrivacySettings:
-    """Client-side DP-SGD for one round."""
+    """Client-side DP-SGD for one round (one record = one user: common/task.py)."""
 
     ledger: PrivacyLedger
     noise_multiplier: float  # 0 = calibrate to the budget over `planned_rounds`
@@ -248,7 +254,7 @@ class TrainResult:
     num_windows: int
     steps: int
     seconds: float
-    epsilon: float | None  # cumulative, window-level, at the ledger's delta
+    epsilon: float | None  # DP-SGD: cumulative, user-level, at the ledger's delta
     noise_multiplier: float | None
 
 
@@ -489,21 +495,21 @@ def _make_private(model, optimizer, loader, *, privacy: PrivacySettings, steps: 
         spent = privacy.ledger.epsilon(privacy.delta)
         raise BudgetExceeded(
             f"privacy budget spent: epsilon {spent:.3f} so far, {projected:.3f} after this round "
-            f"> target {privacy.target_epsilon} (window-level, delta={privacy.delta}, rdp, "
+            f"> target {privacy.target_epsilon} (user-level, delta={privacy.delta}, rdp, "
             "cumulative)"
         )
-    with warnings.catch_warnings():
-        # Opacus's default RNG is not cryptographically secure; fine for research runs.
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        engine = PrivacyEngine(accountant="rdp")
-        dp_model, dp_optimizer, dp_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=sigma,
-            max_grad_norm=privacy.max_grad_norm,
-            poisson_sampling=True,
-        )
+    # Opacus warns that its secure_mode (torchcsprng) is off; the noise still comes from a
+    # generator seeded from the OS's entropy, not from the run seed (README, Privacy).
+    engine = PrivacyEngine(accountant=ACCOUNTANT)
+    dp_model, dp_optimizer, dp_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=sigma,
+        max_grad_norm=privacy.max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=secure_generator(),
+    )
     return dp_model, dp_optimizer, dp_loader, engine, sigma
 
 

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.backbone import load_backbone
 from common.config import Config
 from common.metrics import peak_rss_mb
-from common.privacy import ACCOUNTANT, COMPOSITION, UNIT, guarantee
+from common.privacy import calibrated_noise, fedavg_epsilon, guarantee
 from common.task import (
     build_model,
     eval_cases,
@@ -22,6 +22,7 @@ from common.task import (
     load_data,
     load_run_catalog,
     num_partitions,
+    popularity_metrics,
 )
 from common.train import evaluate
 from common.weights import (
@@ -32,7 +33,7 @@ from common.weights import (
     trainable_state,
 )
 from server.runlog import RunLog
-from server.strategy import CLIENT_TIMES, destinations, make_strategy, reply_node
+from server.strategy import CLIENT_TIMES, CentralDP, destinations, make_strategy, reply_node
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,14 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
 
     # 4. Strategy: min-nodes (deployment), else every partition, connected before round 1
     nodes = cfg.min_nodes or num_partitions(cfg, splits)
+    central_dp = central_dp_of(cfg, nodes) if cfg.dp_mode == "fedavg" else None
+    fraction_train = 1.0 if central_dp else cfg.fraction_train  # DP: Poisson-sampled below
     strategy = make_strategy(
         cfg.strategy,
         server_learning_rate=cfg.server_learning_rate,
-        fraction_train=cfg.fraction_train,
+        fraction_train=fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=max(1, int(nodes * cfg.fraction_train)),
+        min_train_nodes=max(1, int(nodes * fraction_train)),
         min_evaluate_nodes=max(1, int(nodes * cfg.fraction_evaluate)),
         min_available_nodes=nodes,
         evaluate_every=cfg.evaluate_every,
@@ -104,6 +107,7 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         wire_dtype=cfg.wire_dtype,
         client_weighting=cfg.client_weighting,
         max_client_weight=cfg.max_client_weight,
+        central_dp=central_dp,
     )
 
     # 5. After each round: central evaluation (simulation), checkpoint, metrics row
@@ -111,7 +115,6 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
     sent = {"catalog-sha256": identity["catalog_sha256"]}  # a device checks its catalog
     start = time.perf_counter()
     last_end = [start]
-    spent: dict[str, float] = {}
     latest: list[ArrayRecord] = []  # the global model after the newest round
     best = runlog.best_validation()  # (round, val NDCG@10) of the model selected so far
 
@@ -122,6 +125,9 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         load_trainable_state(model, from_arrays(arrays))
         row: dict[str, object] = {"round": global_round}
         last = server_round == remaining
+        if cfg.central_eval and global_round == 0:  # the baseline to beat, on the same users
+            baseline = popularity_metrics(list(splits), len(catalog), "valid")
+            row["popularity_val_ndcg@10"] = baseline["ndcg@10"]
         if cfg.central_eval and (global_round % cfg.evaluate_every == 0 or last):
             metrics, _ = evaluate(model=model, cfg=cfg, items=items, cases=valid_cases)
             row.update({f"val_{k}": v for k, v in metrics.items()})
@@ -138,10 +144,8 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
             load_trainable_state(model, from_arrays(arrays))
         stats = strategy.stats.get(server_round)
         if stats is not None:
-            row.update(_stats_row(stats, cfg))
-            if stats.epsilons:  # the largest over every round so far; the newest mean
-                spent["epsilon_max"] = max(spent.get("epsilon_max", 0.0), row["epsilon_max"])
-                spent["epsilon_mean"] = row["epsilon_mean"]
+            row.update(_stats_row(stats))
+        row.update(privacy_terms(cfg, central_dp, global_round))
         row["server_peak_rss_mb"] = peak_rss_mb()
         now = time.perf_counter()
         row["elapsed_s"] = now - start
@@ -153,7 +157,7 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
                 **identity,
                 "version": model_version(global_round, state),
                 "metrics": row,
-                "privacy": _privacy(cfg, spent),
+                "privacy": privacy_terms(cfg, central_dp, global_round),
             }
             runlog.save_round(global_round, state=state, cfg=cfg, metadata=metadata)
             due = cfg.push_every and global_round % cfg.push_every == 0
@@ -181,7 +185,7 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         **identity,
         "round": cfg.num_server_rounds,
         "version": model_version(cfg.num_server_rounds, state),
-        "privacy": _privacy(cfg, spent),
+        "privacy": privacy_terms(cfg, central_dp, cfg.num_server_rounds),
     }
     final = runlog.save_final(state=state, cfg=cfg, metadata=metadata)
     log.info("Final model %s written to %s", metadata["version"], final)
@@ -248,7 +252,7 @@ def _skip_round_zero(fn):
     return lambda server_round, arrays: None if server_round == 0 else fn(server_round, arrays)
 
 
-def _stats_row(stats, cfg: Config) -> dict[str, object]:
+def _stats_row(stats) -> dict[str, object]:
     row: dict[str, object] = {
         "clients_sampled": stats.clients_sampled,
         "clients_train": stats.clients_train,
@@ -271,26 +275,68 @@ def _stats_row(stats, cfg: Config) -> dict[str, object]:
     if stats.failed_nodes:
         row["failed_nodes"] = list(stats.failed_nodes)
     row.update({f"fed_{k}": v for k, v in stats.evaluate.items() if k != "num-examples"})
-    if stats.epsilons:
-        row.update(
-            {
-                "epsilon_max": float(np.max(stats.epsilons)),
-                "epsilon_mean": float(np.mean(stats.epsilons)),
-                "dp_delta": cfg.dp_delta,
-                "epsilon_unit": UNIT,
-                "accountant": ACCOUNTANT,
-                "composition": COMPOSITION,
-            }
-        )
+    if stats.noise_std is not None:
+        row["dp_noise_std"] = stats.noise_std
     return row
 
 
-def _privacy(cfg: Config, spent: dict[str, float]) -> dict[str, object]:
+def central_dp_of(cfg: Config, nodes: int) -> CentralDP:
+    """DP-FedAvg's settings for `nodes` one-user clients: the noise multiplier (configured, or
+    calibrated so that num-server-rounds spend exactly the budget), checked against it."""
+    q = cfg.fraction_train
+    if not 0 < q < 1:
+        raise ValueError(
+            f"dp-mode='fedavg' samples each client with probability fraction-train, which must "
+            f"lie in (0, 1) for the accountant's subsampling, got {q}."
+        )
+    if cfg.dp_delta > 1.0 / nodes:
+        raise ValueError(
+            f"dp-delta = {cfg.dp_delta} is more than 1 / {nodes} users: a delta that large "
+            "allows releasing one user's data outright. Use dp-delta <= 1 / (number of users)."
+        )
+    rounds = cfg.num_server_rounds
+    sigma = cfg.dp_noise_multiplier or calibrated_noise(
+        cfg.dp_target_epsilon, cfg.dp_delta, q, rounds
+    )
+    planned = fedavg_epsilon(sigma, q, rounds, cfg.dp_delta)
+    if planned > cfg.dp_target_epsilon * (1 + 1e-6):
+        raise ValueError(
+            f"dp-noise-multiplier = {sigma} over {rounds} rounds at sampling rate {q} spends "
+            f"epsilon = {planned:.3f} (user-level, delta = {cfg.dp_delta}, RDP) > "
+            f"dp-target-epsilon = {cfg.dp_target_epsilon}: raise the multiplier, or set it to 0 "
+            "to calibrate it."
+        )
+    log.info(
+        "DP-FedAvg: noise multiplier %.4f, clip %.3g, q = %.4f, %d rounds -> epsilon %.3f "
+        "(user-level, delta = %g, RDP)",
+        sigma,
+        cfg.dp_clip_norm,
+        q,
+        rounds,
+        planned,
+        cfg.dp_delta,
+    )
+    return CentralDP(sigma, cfg.dp_clip_norm, q, q * nodes)
+
+
+def privacy_terms(cfg: Config, central_dp: CentralDP | None, rounds: int) -> dict[str, object]:
+    """The guarantee after `rounds` rounds, with every term needed to read it."""
     if not cfg.dp_enabled:
-        return {"dp": False}
+        return {"dp_mode": "off"}
+    if central_dp is not None:  # exact, accounted by the server
+        epsilon = fedavg_epsilon(
+            central_dp.noise_multiplier, central_dp.sample_rate, rounds, cfg.dp_delta
+        )
+        return {
+            **guarantee(epsilon, cfg.dp_delta, "fedavg"),
+            "dp_noise_multiplier": central_dp.noise_multiplier,
+            "dp_sample_rate": central_dp.sample_rate,
+            "dp_clip_norm": central_dp.clip_norm,
+            "dp_target_epsilon": cfg.dp_target_epsilon,
+        }
+    # DP-SGD: each client accounts its own rounds on the device and declines beyond the cap
     return {
-        "dp": True,
-        **guarantee(spent.get("epsilon_max"), cfg.dp_delta),  # the largest over clients
-        "epsilon_mean": spent.get("epsilon_mean"),
-        "target_epsilon": cfg.dp_target_epsilon,
+        **guarantee(cfg.dp_target_epsilon, cfg.dp_delta, "sgd"),
+        "dp_clip_norm": cfg.dp_clip_norm,
+        "dp_target_epsilon": cfg.dp_target_epsilon,
     }

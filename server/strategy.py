@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
+from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
 
+from common.privacy import secure_numpy_rng
 from common.wire import SENT_AS, decode_update, encode_weights, update_shape
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ class RoundStats:
     clients_rejected: int = 0
     clients_failed: int = 0
     train_loss: float | None = None
-    epsilons: list[float] = field(default_factory=list)
+    noise_std: float | None = None  # DP-FedAvg: of the Gaussian noise on the mean update
     update_seconds: list[float] = field(default_factory=list)
     client_seconds: dict[str, list[float]] = field(default_factory=dict)  # CLIENT_TIMES
     failed_nodes: list[int] = field(default_factory=list)
@@ -64,6 +66,19 @@ def array_bytes(arrays: ArrayRecord) -> int:
     return int(sum(len(a.data) for a in arrays.values()))
 
 
+@dataclass(frozen=True)
+class CentralDP:
+    """DP-FedAvg's server side (see common/privacy.py): Poisson sampling of clients at
+    `sample_rate`, every update clipped to `clip_norm`, Gaussian noise of standard deviation
+    noise_multiplier * clip_norm on the sum, divided by the expected cohort (a fixed
+    denominator: one user changes the mean by at most clip_norm / expected_clients)."""
+
+    noise_multiplier: float
+    clip_norm: float
+    sample_rate: float
+    expected_clients: float  # sample_rate x number of clients
+
+
 class ValidatedReplies:
     """Mixin for a Flower strategy: the wire format, validated replies and bounded weights.
 
@@ -76,6 +91,13 @@ class ValidatedReplies:
     or 1 for every client (`client_weighting="uniform"`): the server bounds what any client's
     claim can buy. Also records each round's traffic and privacy figures in `stats`, and
     evaluates every `evaluate_every` rounds.
+
+    With `central_dp`, the strategy is DP-FedAvg underneath the server optimizer: nodes are
+    Poisson-sampled (build it with fraction_train = 1, it keeps each node with probability
+    `sample_rate`), every update is clipped and weighted equally, and the noised mean update is
+    what FedAvg / FedAvgM / FedAdam ... receive, as if from one client: the server optimizer
+    only post-processes the private release. Sampling and noise draw from the operating
+    system's entropy, not from the run seed.
     """
 
     def __init__(
@@ -87,9 +109,12 @@ class ValidatedReplies:
         wire_dtype: str = "float32",
         client_weighting: str = "examples",
         max_client_weight: float = float("inf"),
+        central_dp: CentralDP | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.central_dp = central_dp
+        self._rng = secure_numpy_rng()
         self.evaluate_every = evaluate_every
         self.num_rounds = num_rounds
         self.message_ttl_s = message_ttl_s
@@ -105,6 +130,8 @@ class ValidatedReplies:
         """Flower's messages with the weights in the wire dtype, expiring with the round: a
         node that was down does not wake up to last round's work (Flower's default time-to-
         live is 12 hours)."""
+        if self.central_dp is not None and message_type == MessageType.TRAIN:
+            node_ids = self.poisson_sample(list(node_ids))
         wire = RecordDict(dict(record.items()))
         wire["arrays"] = encode_weights(
             {k: a.numpy() for k, a in record["arrays"].items()}, self.wire_dtype
@@ -114,6 +141,12 @@ class ValidatedReplies:
             for msg in messages:
                 msg.metadata.ttl = self.message_ttl_s
         return messages
+
+    def poisson_sample(self, node_ids: list[int]) -> list[int]:
+        """DP-FedAvg's cohort: each node independently with probability q (OS entropy)."""
+        kept = self._rng.random(len(node_ids)) < self.central_dp.sample_rate
+        log.info("DP-FedAvg: Poisson sampling kept %d of %d nodes", int(kept.sum()), len(kept))
+        return [node for node, keep in zip(node_ids, kept, strict=True) if keep]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -182,7 +215,6 @@ class ValidatedReplies:
                     node,
                     "privacy budget spent",
                 )
-                stats.epsilons.extend(_floats(metrics, "epsilon"))
                 continue
             problem = self._problem(msg)
             if problem:
@@ -193,7 +225,6 @@ class ValidatedReplies:
                 continue
             stats.bytes_up += array_bytes(next(iter(msg.content.array_records.values())))
             accepted.append(self._as_weights(msg))
-            stats.epsilons.extend(_floats(metrics, "epsilon"))
             stats.update_seconds.extend(_floats(metrics, "update-s"))
             for key in CLIENT_TIMES:
                 stats.client_seconds.setdefault(key, []).extend(_floats(metrics, key))
@@ -204,6 +235,8 @@ class ValidatedReplies:
         if not accepted:
             log.warning("Round %d: no usable update; the global model is unchanged.", server_round)
             return None, None
+        if self.central_dp is not None:
+            accepted = [self._noised_mean(accepted, stats)]
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None:
             arrays = self._as_expected(arrays)
@@ -225,6 +258,37 @@ class ValidatedReplies:
         )
         metrics[NUM_EXAMPLES] = bounded
         return msg
+
+    def _noised_mean(self, accepted: list[Message], stats: RoundStats) -> Message:
+        """DP-FedAvg's release: clip each update, sum, add noise, divide by the expected
+        cohort; returned as one reply of weight 1 holding global weights + the noised mean."""
+        dp = self.central_dp
+        keys = list(self._global)
+        total = [np.zeros_like(self._global[k], dtype=np.float64) for k in keys]
+        for msg in accepted:
+            weights = next(iter(msg.content.array_records.values()))
+            update = [weights[k].numpy().astype(np.float64) - self._global[k] for k in keys]
+            if get_norm(update) > 0:  # Flower's clipping, whatever the client did
+                clip_inputs_inplace(update, dp.clip_norm)
+            for acc, u in zip(total, update, strict=True):
+                acc += u
+        std = compute_stdv(dp.noise_multiplier, dp.clip_norm, dp.expected_clients)
+        stats.noise_std = std
+        mean = {
+            k: (acc / dp.expected_clients + self._rng.normal(0.0, std, acc.shape)).astype(
+                np.float32
+            )
+            for k, acc in zip(keys, total, strict=True)
+        }
+        release = accepted[0]
+        key = next(iter(release.content.array_records))
+        release.content[key] = ArrayRecord(
+            OrderedDict((k, torch.from_numpy(self._global[k] + mean[k])) for k in keys)
+        )
+        release.content[next(iter(release.content.metric_records))] = MetricRecord(
+            {NUM_EXAMPLES: 1.0}
+        )
+        return release
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: v.shape for k, v in self._global.items()}

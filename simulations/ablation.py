@@ -5,9 +5,11 @@ same number of rounds with the ServerApp, strategies and ClientApp in this proce
 (simulations/inprocess.py: Flower's runtime left out, the code the same), and records each
 variant's validation NDCG@10 curve. The variants are data: simulations/configs/ablation-fed.toml,
 one table per variant with the run-config keys it changes. Validation only: the test split is
-never read here.
+never read here. `--variants simulations/configs/ablation-dp.toml --scenario
+simulations/configs/bench-fed-dp-eps8.toml` compares the levers of private training the same
+way.
 
-Writes simulations/results/ablation_fed.json and ablation_fed.md.
+Writes simulations/results/<variants file's name>.json and .md (ablation_fed.json, ...).
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ from pathlib import Path
 
 from simulations import report
 from simulations.report import CONFIGS, RESULTS, ROOT
-
-RESULT_FILE = "ablation_fed.json"
 
 
 def run_variant(name: str, overrides: dict, *, rounds: int, scenario: Path, work: Path) -> dict:
@@ -90,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants", type=Path, default=CONFIGS / "ablation-fed.toml", help="variants file"
     )
+    parser.add_argument(
+        "--scenario",
+        type=Path,
+        default=CONFIGS / "bench-fed.toml",
+        help="the scenario the variants change (default: bench-fed.toml)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
     parser.add_argument(
         "--table-only", action="store_true", help="rewrite the markdown from the results file"
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = parser.parse_args(argv)
     variants = tomllib.loads(args.variants.read_text())
-    scenario = CONFIGS / "bench-fed.toml"
+    scenario = args.scenario
 
     if args.one:  # a worker process
         with tempfile.TemporaryDirectory(prefix="fedrec-ablation-") as tmp:
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row))
         return 0
 
-    path = args.results / RESULT_FILE
+    path = args.results / (args.variants.stem.replace("-", "_") + ".json")
     done = {r["name"]: r for r in json.loads(path.read_text())} if path.exists() else {}
     if args.table_only:
         rows = [done[n] for n in variants if n in done]
@@ -144,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             str(args.rounds),
             "--variants",
             str(args.variants),
+            "--scenario",
+            str(args.scenario),
         ]
         running.append(
             (

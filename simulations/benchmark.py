@@ -31,9 +31,16 @@ import numpy as np
 import torch
 
 from common.config import Config
-from common.metrics import peak_rss_mb, rank_of_target, ranking_metrics
-from common.privacy import UNIT
-from common.task import build_model, eval_cases, item_states, load_data, train_records
+from common.metrics import peak_rss_mb
+from common.privacy import ACCOUNTANT, COMPOSITION, UNIT
+from common.task import (
+    build_model,
+    eval_cases,
+    item_states,
+    load_data,
+    popularity_metrics,
+    train_records,
+)
 from common.train import evaluate, train
 from common.weights import load_trainable_state, trainable_state
 from simulations import report
@@ -49,16 +56,8 @@ def popularity_row(cfg: Config) -> dict:
     """Rank by how often each item appears in the interactions before the target."""
     start = time.perf_counter()
     dataset, splits = load_data(cfg)
-    n = len(dataset.catalog)
-    counts = np.zeros(n)
-    for u in splits:  # test targets rank after train + valid: count both
-        np.add.at(counts, u.train, 1.0)
-        if u.valid >= 0:
-            counts[u.valid] += 1.0
-    # a tiny id-based jitter breaks count ties deterministically (ties would count against)
-    scores = counts + np.linspace(0, 1e-3, n)
-    ranks = [rank_of_target(scores, c.target, c.exclude) for c in eval_cases(list(splits), "test")]
-    run = {"seed": None, **ranking_metrics(np.array(ranks)), "wall_s": time.perf_counter() - start}
+    metrics = popularity_metrics(list(splits), len(dataset.catalog), "test")
+    run = {"seed": None, **metrics, "wall_s": time.perf_counter() - start}
     return _row("popularity", [run], federated=False, k=None)
 
 
@@ -133,7 +132,9 @@ def federated_row(
     results_dir: Path = RESULTS,
     reuse: bool = False,
 ) -> dict:
-    """A scenario through simulations/run.py (real SuperLink), once per seed.
+    """A scenario through simulations/run.py (real SuperLink), once per seed; or, when its
+    [scenario] says runtime = "in-process", through simulations/inprocess.py (Flower's runtime
+    left out, the apps unchanged). [scenario] `seeds = N` keeps the first N seeds only.
 
     With `reuse`, a completed run already in a seed's output directory whose last round is the
     scenario's last round is read instead of run again (e.g. one extended with resume=true).
@@ -141,13 +142,15 @@ def federated_row(
     spec = tomllib.loads(scenario.read_text())
     name = spec.get("scenario", {}).get("name", scenario.stem)
     cfg = Config().merged(spec.get("run", {}))
+    runtime = spec.get("scenario", {}).get("runtime", "flower")
+    seeds = seeds[: spec.get("scenario", {}).get("seeds", len(seeds))]
     runs = []
     for seed in seeds:
         out = output_root / name / f"seed-{seed}"
         if reuse and _completed_rounds(out) == cfg.num_server_rounds:
             print(f"\n== {name} seed {seed}: reusing the completed run in {out}", flush=True)
         else:
-            _run_scenario(scenario, out, seed)
+            _run_scenario(scenario, out, seed, runtime=runtime)
         runs.append(_read_federated(out, seed=seed))
     # the first seed's curves next to the results: per-round metrics and the plot
     first = output_root / name / f"seed-{seeds[0]}"
@@ -155,6 +158,7 @@ def federated_row(
     shutil.copyfile(first / "metrics.jsonl", results_dir / f"{name}.metrics.jsonl")
     shutil.copyfile(first / "metrics.png", results_dir / f"{name}.png")
     row = _row(name, runs, federated=True, k=cfg.adapter_k)
+    row["runtime"] = runtime
     trained_means = {
         key: _mean(runs, key)
         for key in (
@@ -174,11 +178,13 @@ def federated_row(
     )
     if cfg.dp_enabled:
         row.update(
-            dp_epsilon=max(r["epsilon_max"] for r in runs),
+            dp_mode=cfg.dp_mode,
+            dp_epsilon=max(r["epsilon"] for r in runs),
             dp_delta=cfg.dp_delta,
             dp_unit=UNIT,
-            dp_accountant="rdp",
-            dp_composition="cumulative",
+            dp_accountant=ACCOUNTANT,
+            dp_composition=COMPOSITION[cfg.dp_mode],
+            dp_noise_multiplier=runs[-1].get("dp_noise_multiplier"),
             dp_target_epsilon=cfg.dp_target_epsilon,
         )
     return row
@@ -195,19 +201,15 @@ def _completed_rounds(out: Path) -> int | None:
     return rows[-1].get("round")
 
 
-def _run_scenario(scenario: Path, out: Path, seed: int) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "simulations.run",
-        "--config",
-        str(scenario),
-        "--output",
-        str(out),
-        "--run-config",
-        f"seed={seed}",
-        "--overwrite",
-    ]
+def _run_scenario(scenario: Path, out: Path, seed: int, *, runtime: str = "flower") -> None:
+    if runtime == "in-process":
+        cmd = [sys.executable, "-m", "simulations.inprocess", "--seed", str(seed)]
+        cmd += ["--config", str(scenario), "--output", str(out)]
+    elif runtime == "flower":
+        cmd = [sys.executable, "-m", "simulations.run", "--config", str(scenario)]
+        cmd += ["--output", str(out), "--run-config", f"seed={seed}", "--overwrite"]
+    else:
+        raise ValueError(f"{scenario}: runtime must be 'flower' or 'in-process', got {runtime!r}")
     print(f"\n== {out.parent.name} seed {seed}: {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
 
@@ -229,7 +231,8 @@ def _read_federated(out: Path, *, seed: int) -> dict:
         "clients_per_round": _mean(trained, "clients_train"),
         "client_peak_rss_mb": max((r.get("client_peak_rss_mb") or 0) for r in trained),
         "server_peak_rss_mb": max((r.get("server_peak_rss_mb") or 0) for r in trained),
-        "epsilon_max": final.get("epsilon_max"),
+        "epsilon": final.get("epsilon"),
+        "dp_noise_multiplier": final.get("dp_noise_multiplier"),
     }
 
 
@@ -275,7 +278,7 @@ def markdown_table(rows: list[dict]) -> str:
         )
         seeds = len(r.get("seeds") or []) if r.get("seeds") != [None] else "—"
         lines.append(
-            f"| {r['name']} | {'yes' if r['federated'] else 'no'} | {dp} "
+            f"| {r['name']} | {_federated(r)} | {dp} "
             f"| {_fmt(r.get('adapter_k'), '{}')} | {seeds} | {_fmt(r.get('rounds'), '{}')} "
             f"| {_pm(r, 'hr@10')} | {_pm(r, 'ndcg@10')} | {_pm(r, 'mrr@10')} "
             f"| {_fmt(r.get('seconds_per_round'), '{:.1f}')} "
@@ -296,6 +299,12 @@ def _peak(row: dict) -> str:
     if row.get("client_peak_rss_mb"):
         return f"{row['client_peak_rss_mb']:.0f} / {row['server_peak_rss_mb']:.0f}"
     return _fmt(row.get("peak_rss_mb"), "{:.0f}")
+
+
+def _federated(row: dict) -> str:
+    if not row["federated"]:
+        return "no"
+    return "yes, in-process" if row.get("runtime") == "in-process" else "yes, Flower runtime"
 
 
 def _fmt(value, pattern: str) -> str:

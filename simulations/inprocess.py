@@ -5,14 +5,21 @@ process, with one `Context` per node (node config `partition-id` / `num-partitio
 across rounds, as in Flower's simulation). The ServerApp's `run_federation`, the strategies and
 the ClientApp's handlers run unchanged; what is left out is Flower's runtime (SuperLink, Ray
 workers, serialization). Used for quick ablations, for measuring what that runtime costs per
-client (simulations/fed_cost.py), and in tests.
+client (simulations/speed_bench.py), in tests, and for benchmark scenarios whose [scenario]
+says `runtime = "in-process"`:
+
+    python -m simulations.inprocess --config simulations/configs/bench-fed-dp.toml --output DIR
 """
 
 from __future__ import annotations
 
+import argparse
+import shutil
 import time
+import tomllib
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -92,3 +99,43 @@ def run_inprocess(cfg: Config, *, num_nodes: int | None = None) -> InProcessGrid
     grid = InProcessGrid(create_app(cfg), num_nodes=nodes)
     run_federation(grid, cfg)
     return grid
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.inprocess",
+        description="Run a scenario's federation in this process, Flower's runtime left out (the "
+        "ServerApp, strategies and ClientApp unchanged); writes what fedrec-simulate writes.",
+    )
+    parser.add_argument("--config", type=Path, required=True, help="scenario TOML file")
+    parser.add_argument("--output", type=Path, required=True, help="output directory (replaced)")
+    parser.add_argument("--seed", type=int, help="overrides the scenario's seed")
+    args = parser.parse_args(argv)
+
+    from simulations import report
+
+    spec = tomllib.loads(args.config.read_text())
+    run = dict(spec.get("run", {}))
+    if args.seed is not None:
+        run["seed"] = args.seed
+    cfg = Config().merged({**run, "output-dir": str(args.output)})
+    shutil.rmtree(args.output, ignore_errors=True)
+    start = time.perf_counter()
+    run_inprocess(cfg, num_nodes=spec.get("federation", {}).get("num-supernodes"))
+    scenario = {**spec.get("scenario", {}), "path": str(args.config)}
+    results = report.write_report(
+        args.output,
+        scenario=scenario,
+        config=cfg.to_mapping(),
+        overrides=sorted(run),
+        federation=spec.get("federation"),
+        status="finished:completed",
+        run_id="in-process",
+        wall_s=time.perf_counter() - start,
+    )
+    print(report.summary_text(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global figure state, PNG through Agg
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -44,7 +45,7 @@ RANKING_KEY = re.compile(r"^(fed|val|test)_(hr|ndcg|mrr)@(\d+)$")
 SPLITS = ("fed", "val", "test")
 SPLIT_NAMES = {"fed": "federated", "val": "validation", "test": "test"}
 RANKING_NAMES = {"hr": "HR", "ndcg": "NDCG", "mrr": "MRR"}
-PRIVACY_KEYS = ("dp_delta", "epsilon_unit", "accountant", "composition")
+POPULARITY_KEY = "popularity_val_ndcg@10"  # the server's baseline, in round 0's row
 # Per-round columns of the markdown table, in this order, when any round has them
 ROUND_COLUMNS = (
     "round",
@@ -53,8 +54,7 @@ ROUND_COLUMNS = (
     "clients_rejected",
     "train_loss",
     # ranking columns are inserted here
-    "epsilon_max",
-    "epsilon_mean",
+    "epsilon",
     "round_s",
     "elapsed_s",
     "bytes_per_client",
@@ -151,7 +151,7 @@ def label_of(key: str) -> str:
     if m := RANKING_KEY.match(key):
         split, metric, k = m.groups()
         return f"{RANKING_NAMES[metric]}@{k} ({SPLIT_NAMES[split]})"
-    if key.startswith("epsilon_"):
+    if key.startswith("epsilon"):
         return f"{key} (see Privacy)"  # an epsilon is never shown without its terms
     return key
 
@@ -164,18 +164,19 @@ def privacy_summary(
 ) -> dict[str, Any]:
     """Epsilon of the last round that reported one, with delta, unit, accountant, composition."""
     config = config or {}
-    reported = [row for row in rounds if number(row.get("epsilon_max")) is not None]
+    reported = [row for row in rounds if number(row.get("epsilon")) is not None]
     last = reported[-1] if reported else {}
-    dp_enabled = config.get("dp-enabled")
+    mode = last.get("dp_mode") or config.get("dp-mode") or "off"
     summary = {
-        "dp_enabled": bool(dp_enabled) if dp_enabled is not None else bool(reported),
+        "dp_mode": mode,
         "round": last.get("round"),
-        "epsilon_max": number(last.get("epsilon_max")),
-        "epsilon_mean": number(last.get("epsilon_mean")),
+        "epsilon": number(last.get("epsilon")),
         "delta": last.get("dp_delta", config.get("dp-delta") if reported else None),
-        "unit": last.get("epsilon_unit"),
-        "accountant": last.get("accountant"),
-        "composition": last.get("composition"),
+        "unit": last.get("dp_unit"),
+        "accountant": last.get("dp_accountant"),
+        "composition": last.get("dp_composition"),
+        "noise_multiplier": number(last.get("dp_noise_multiplier")),
+        "sample_rate": number(last.get("dp_sample_rate")),
         "target_epsilon": config.get("dp-target-epsilon"),
     }
     summary["statement"] = privacy_statement(summary)
@@ -184,12 +185,12 @@ def privacy_summary(
 
 def privacy_statement(summary: Mapping[str, Any]) -> str:
     """One paragraph that never names epsilon without its delta, unit, accountant, composition."""
-    if summary["epsilon_max"] is None:
-        if summary["dp_enabled"]:
+    if summary["epsilon"] is None:
+        if summary["dp_mode"] != "off":
             return (
-                "Client-side differential privacy was enabled, but no round reported a privacy "
-                "loss (epsilon, with its delta, unit, accountant and composition), so no "
-                "guarantee can be stated for this run."
+                f"Differential privacy (dp-mode = {summary['dp_mode']}) was enabled, but no "
+                "round reported a privacy loss (epsilon, with its delta, unit, accountant and "
+                "composition), so no guarantee can be stated for this run."
             )
         return (
             "Differential privacy was disabled for this run: no privacy guarantee "
@@ -202,28 +203,24 @@ def privacy_statement(summary: Mapping[str, Any]) -> str:
 
     unit = summary.get("unit")
     unit_text = f"{unit}-level" if unit else "unknown-unit (not reported)"
-    mean = summary.get("epsilon_mean")
-    mean_text = f" (mean over clients {mean:.4g})" if mean is not None else ""
-    text = (
-        f"Client-side DP-SGD: after round {summary['round']}, the largest {unit_text} "
-        f"epsilon over clients is {summary['epsilon_max']:.4g}{mean_text}, "
-        f"at delta = {known('delta')}, "
-        f"accountant = {known('accountant')}, "
-        f"composition = {known('composition')}."
+    terms = (
+        f"{unit_text}, delta = {known('delta')}, accountant = {known('accountant')}, "
+        f"composition = {known('composition')}"
     )
-    if unit == "window":
-        text += (
-            " Example level: neighbouring datasets differ in one training window (up to "
-            "history-len interactions of one user and their targets); this protects neither a "
-            "user nor, by itself, a single interaction, which can appear in two windows."
+    if summary["dp_mode"] == "fedavg":
+        text = (
+            f"DP-FedAvg: after round {summary['round']}, epsilon = {summary['epsilon']:.4g} "
+            f"({terms}; noise multiplier {known('noise_multiplier')}, clients Poisson-sampled "
+            f"at rate {known('sample_rate')}). Protects each user's whole data from whoever "
+            "sees the released models (devices, the public); the server sees clipped updates."
         )
-    elif unit == "user":
+    else:
+        text = (
+            f"DP-SGD on each client: every client's epsilon stays within "
+            f"{summary['epsilon']:.4g} ({terms}); the noise is added on the device."
+        )
+    if unit == "user":
         text += " User level: neighbouring federations differ in one user's whole data."
-    if summary.get("target_epsilon") is not None:
-        text += (
-            f" Each client's budget is epsilon = {summary['target_epsilon']} "
-            "(same delta, unit, accountant and composition)."
-        )
     return text
 
 
@@ -315,8 +312,7 @@ SHORT_HEADERS = {
     "clients_declined": "declined",
     "clients_rejected": "rejected",
     "train_loss": "loss",
-    "epsilon_max": "eps_max",
-    "epsilon_mean": "eps_mean",
+    "epsilon": "eps",
     "round_s": "round_s",
     "elapsed_s": "elapsed_s",
     "bytes_per_client": "bytes/client",
@@ -327,7 +323,7 @@ def terminal_columns(rounds: Sequence[Mapping[str, Any]]) -> list[str]:
     """The narrower column set of the terminal table: no MRR, no counts that stayed zero."""
     columns = round_columns(rounds)
     present = set(columns)
-    dropped = {"round_s", "bytes_per_client", "epsilon_mean"}
+    dropped = {"round_s", "bytes_per_client"}
     for count in ("clients_declined", "clients_rejected"):
         if not any(row.get(count) for row in rounds):
             dropped.add(count)
@@ -353,8 +349,24 @@ def summary_text(results: Mapping[str, Any]) -> str:
         lines.append("No round was logged (metrics.jsonl is missing or empty).")
     else:
         lines += ["", text_table(rounds, terminal_columns(rounds))]
+        if line := baseline_line(rounds):
+            lines += ["", line]
     lines += ["", "Privacy: " + results["privacy"]["statement"]]
     return "\n".join(lines)
+
+
+def baseline_line(rounds: Sequence[Mapping[str, Any]]) -> str | None:
+    """The run's best validation NDCG@10 against the popularity baseline on the same users."""
+    baseline = next((number(r.get(POPULARITY_KEY)) for r in rounds if POPULARITY_KEY in r), None)
+    steps, values = series(rounds, "val_ndcg@10")
+    if baseline is None or not values:
+        return None
+    best = int(np.argmax(values))
+    verdict = "beats" if values[best] > baseline else "does not beat"
+    return (
+        f"Best validation NDCG@10 {values[best]:.4f} (round {steps[best]}) {verdict} the "
+        f"popularity baseline's {baseline:.4f}."
+    )
 
 
 def markdown_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
@@ -447,7 +459,7 @@ def plot_metrics(rounds: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
         for key in keys:
             steps, values = series(rounds, key)
             if steps:
-                label = key.replace("_", " ") if key.startswith("epsilon_") else label_of(key)
+                label = key if key == "epsilon" else label_of(key)
                 ax.plot(steps, values, marker="o", label=label)
                 drawn += 1
         ax.set_title(title)
@@ -465,12 +477,12 @@ def plot_metrics(rounds: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     panel(ax_rank, rank, "Ranking quality", "metric")
     privacy = privacy_summary(rounds)
     eps_title = "Epsilon per round"
-    if privacy["epsilon_max"] is not None:
+    if privacy["epsilon"] is not None:
         eps_title = (
             f"{privacy['unit'] or '?'}-level epsilon, {privacy['composition'] or '?'}\n"
             f"(delta={privacy['delta']}, {privacy['accountant'] or '?'} accountant)"
         )
-    panel(ax_eps, ["epsilon_max", "epsilon_mean"], eps_title, "epsilon")
+    panel(ax_eps, ["epsilon"], eps_title, "epsilon")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -484,7 +496,7 @@ def tag_of(key: str) -> str:
         return f"{split}/{metric}@{k}"
     if key == "train_loss":
         return "train/loss"
-    if key.startswith("epsilon_") or key == "dp_delta":
+    if key == "epsilon" or key.startswith("dp_"):
         return f"privacy/{key}"
     return f"system/{key}"
 

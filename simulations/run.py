@@ -61,7 +61,8 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedrec-sim"  # the SuperLink connection's name in FLWR_HOME/config.toml
 
 SCENARIO_TABLES = ("scenario", "run", "federation")
-SCENARIO_KEYS = {"name": str, "description": str}
+# runtime and seeds are read by fedrec-benchmark only (simulations/benchmark.py)
+SCENARIO_KEYS = {"name": str, "description": str, "runtime": str, "seeds": int}
 # `flwr run --federation-config` keys (fields of flwr's SimulationConfig, "_" spelled "-")
 FEDERATION_KEYS: dict[str, type] = {
     "num-supernodes": int,
@@ -362,7 +363,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "Examples:\n"
             "  fedrec-simulate --config simulations/configs/demo.toml\n"
             "  fedrec-simulate --config simulations/configs/demo.toml "
-            '--run-config "num-server-rounds=1 dp-enabled=false" --output /tmp/demo\n'
+            '--run-config "num-server-rounds=1 dp-mode=off" --output /tmp/demo\n'
             "Exit status: 0 when the run finished:completed, 1 otherwise, 2 for a bad "
             "scenario or option, 130 when interrupted."
         ),

@@ -48,6 +48,14 @@ def test_results_file_table_and_readme_block(tmp_path):
             "bytes_per_client_per_round": 990_000,
             "client_peak_rss_mb": 900.0,
             "server_peak_rss_mb": 1200.0,
+            "runtime": "flower",
+        },
+        {
+            **_row("fed-dp", runs(0.06), federated=True, k=0),
+            "runtime": "in-process",
+            "dp_epsilon": 8.0,
+            "dp_delta": 1e-5,
+            "dp_unit": "user",
         },
     ]
     readme = tmp_path / "README.md"
@@ -58,5 +66,6 @@ def test_results_file_table_and_readme_block(tmp_path):
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
     assert markdown_table(rows) in text
     assert "| popularity | no | off | — | — | — | 0.0878 | 0.0439 | 0.0220 |" in text
-    assert "| fed-k0 | yes | off | 0 | 3 | 300 | 0.2200 ± 0.0200 | 0.1100 ± 0.0100 |" in text
+    assert "| fed-k0 | yes, Flower runtime | off | 0 | 3 | 300 | 0.2200 ± 0.0200 |" in text
+    assert "| fed-dp | yes, in-process | ε=8.00, δ=1e-05, user | 0 | 1 |" in text
     assert "| 990,000 | 900 / 1200 | 10 s |" in text

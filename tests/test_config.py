@@ -17,9 +17,9 @@ def test_defaults_equal_pyproject():
 
 def test_from_mapping_coerces_and_rejects_unknown_keys():
     cfg = Config.from_mapping(
-        {"adapter-k": 1, "dp-enabled": "true", "num-negatives": 8, "learning-rate": 1}
+        {"adapter-k": 1, "central-eval": "false", "num-negatives": 8, "learning-rate": 1}
     )
-    assert (cfg.adapter_k, cfg.dp_enabled, cfg.learning_rate) == (1, True, 1.0)
+    assert (cfg.adapter_k, cfg.central_eval, cfg.learning_rate) == (1, False, 1.0)
     with pytest.raises(ValueError, match="Unknown config key.*adapter-kk"):
         Config.from_mapping({"adapter-kk": 1})
     with pytest.raises(ValueError, match="adapter-k must be an integer"):

@@ -125,7 +125,7 @@ def test_a_crashed_device_rejoins_with_its_privacy_ledger(tmp_path: Path, world)
     run = {
         "num-server-rounds": 5,
         "min-nodes": 2,
-        "dp-enabled": True,
+        "dp-mode": "sgd",
         "dp-noise-multiplier": 1.0,
         "dp-target-epsilon": 1000.0,
         "fraction-evaluate": 0.0,

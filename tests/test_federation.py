@@ -4,13 +4,17 @@ import json
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, RecordDict
 from flwr.simulation import run_simulation
+from opacus.accountants import RDPAccountant
 
 from client.client_app import create_app as create_client_app
 from common.config import Config
-from common.weights import load_model_dir
+from common.weights import load_model_dir, to_arrays
 from common.wire import update_shape
 from server.server_app import create_app as create_server_app
+from server.server_app import run_federation
+from simulations.inprocess import InProcessGrid
 from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
 
 NUM_CLIENTS = 4
@@ -93,35 +97,98 @@ def test_resume_continues_the_round_count(tmp_path, tiny_world):
     assert meta["round"] == 2
 
 
-def test_clients_past_their_budget_decline_and_the_round_goes_on(tmp_path, tiny_world):
-    # Tiny budget with fixed noise: every client declines from the first round on, and the
-    # federation still completes both rounds with an unchanged model.
-    cfg = tiny_cfg(
-        tmp_path, *tiny_world, dp_enabled=True, dp_noise_multiplier=0.5, dp_target_epsilon=0.01
+def private_cfg(tmp_path, tiny_world, mode: str, **changes) -> Config:
+    return tiny_cfg(
+        tmp_path, *tiny_world, dp_mode=mode, fraction_evaluate=0.0, dp_delta=1e-3, **changes
     )
+
+
+def test_clients_past_their_budget_decline_and_the_round_goes_on(tmp_path, tiny_world):
+    # DP-SGD with a tiny budget and fixed noise: every client declines from the first round
+    # on, and the federation still completes both rounds with an unchanged model.
+    cfg = private_cfg(tmp_path, tiny_world, "sgd", dp_noise_multiplier=0.5, dp_target_epsilon=0.01)
     rows = run(cfg)
     last = {r["round"]: r for r in rows}[2]
     assert last["clients_declined"] == NUM_CLIENTS and last["clients_train"] == 0
-
-
-def test_private_federation_reports_cumulative_epsilon(tmp_path, tiny_world):
-    cfg = tiny_cfg(
-        tmp_path, *tiny_world, dp_enabled=True, dp_noise_multiplier=1.0, dp_target_epsilon=1000.0
+    assert (last["epsilon"], last["dp_unit"], last["dp_composition"]) == (
+        0.01,
+        "user",
+        "cumulative per client, capped",
     )
-    rows = {r["round"]: r for r in run(cfg)}
-    assert rows[2]["epsilon_max"] > rows[1]["epsilon_max"] > 0
-    assert rows[2]["epsilon_mean"] <= rows[2]["epsilon_max"]
-    assert (rows[2]["epsilon_unit"], rows[2]["accountant"], rows[2]["composition"]) == (
-        "window",
+
+
+class RecordingGrid(InProcessGrid):
+    """Notes what every training reply carried as it left the client."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[set[str], dict]] = []
+
+    def push_messages(self, messages):
+        ids = list(super().push_messages(messages))
+        for reply in (self.replies[i] for i in ids):
+            assert not reply.has_error(), reply.error
+            if reply.metadata.message_type == "train":
+                self.seen.append((set(reply.content.keys()), dict(reply.content["metrics"])))
+        return ids
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "sgd"])
+def test_a_private_reply_carries_the_noised_or_clipped_update_and_nothing_else(
+    tmp_path, tiny_world, mode
+):
+    cfg = private_cfg(
+        tmp_path,
+        tiny_world,
+        mode,
+        partition="user",
+        fraction_train=0.5,
+        dp_noise_multiplier=1.0,
+        dp_target_epsilon=1000.0,
+    )
+    grid = RecordingGrid(create_client_app(cfg), num_nodes=24)
+    run_federation(grid, cfg)
+    assert grid.seen
+    for keys, metrics in grid.seen:
+        assert keys == {"arrays", "metrics"}
+        assert metrics == {"num-examples": 1, "declined": 0}
+    # asked to evaluate anyway (another ServerApp), a private client declines
+    final = to_arrays(load_model_dir(cfg.output_path / "models" / "final")[0])
+    content = RecordDict({"arrays": final, "config": ConfigRecord({"split": "valid"})})
+    ask = grid.create_message(content, "evaluate", next(iter(grid.contexts)), "x")
+    (answer,) = grid.send_and_receive([ask])
+    assert dict(answer.content["metrics"]) == {"num-examples": 0, "declined": 1}
+
+
+def test_dp_fedavg_accounts_epsilon_over_rounds_at_the_sampling_rate(tmp_path, tiny_world):
+    cfg = private_cfg(
+        tmp_path,
+        tiny_world,
+        "fedavg",
+        partition="user",
+        fraction_train=0.25,
+        num_server_rounds=3,
+        dp_target_epsilon=20.0,
+    )
+    run_federation(InProcessGrid(create_client_app(cfg), num_nodes=24), cfg)
+    lines = (cfg.output_path / "metrics.jsonl").read_text().splitlines()
+    rows = {r["round"]: r for r in map(json.loads, lines)}
+    sigma = rows[3]["dp_noise_multiplier"]
+    accountant = RDPAccountant()  # the reference: one Poisson-sampled Gaussian step per round
+    for rnd in (1, 2, 3):
+        accountant.step(noise_multiplier=sigma, sample_rate=0.25)
+        assert rows[rnd]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-3), rel=1e-9)
+    assert rows[3]["epsilon"] == pytest.approx(20.0, rel=1e-3)  # calibrated: spends the budget
+    assert rows[3]["dp_noise_std"] == pytest.approx(sigma * 1.0 / (0.25 * 24))
+    assert (rows[3]["dp_unit"], rows[3]["dp_accountant"], rows[3]["dp_delta"]) == (
+        "user",
         "rdp",
-        "cumulative",
+        1e-3,
     )
-    assert rows[2]["dp_delta"] == cfg.dp_delta
     _, meta = load_model_dir(cfg.output_path / "models" / "final")
-    privacy = meta["privacy"]
-    assert privacy["epsilon"] == max(r["epsilon_max"] for r in rows.values() if r["round"])
-    assert (privacy["delta"], privacy["unit"], privacy["composition"]) == (
-        cfg.dp_delta,
-        "window",
-        "cumulative",
-    )
+    assert meta["privacy"]["epsilon"] == rows[3]["epsilon"]
+    assert meta["privacy"]["dp_composition"] == "cumulative over rounds"
+    with pytest.raises(ValueError, match="more than 1 / 24 users"):
+        run_federation(
+            InProcessGrid(create_client_app(cfg), num_nodes=24), cfg.replace(dp_delta=0.1)
+        )

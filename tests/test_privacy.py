@@ -1,10 +1,11 @@
-"""Client-side DP-SGD: adapters move, the backbone does not, the ledger composes and persists."""
+"""User-level DP: DP-SGD's adapters move and the backbone does not, the ledger composes and
+persists, the noise cannot be replayed, and the terms of every epsilon are named."""
 
 import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from common.privacy import BudgetExceeded, PrivacyLedger, guarantee
+from common.privacy import BudgetExceeded, PrivacyLedger, fedavg_epsilon, guarantee
 from common.train import PrivacySettings, train
 from common.weights import trainable_state
 from tests.tiny import tiny_records, tiny_setup
@@ -85,7 +86,7 @@ def test_spent_budget_declines_and_leaves_the_ledger_untouched(tmp_path):
     path = tmp_path / "ledger.json"
     first = step(model, cfg, ex, items, seed=0, privacy=settings(path, target_epsilon=50.0))
     spent = PrivacyLedger.load(path).history
-    with pytest.raises(BudgetExceeded, match="privacy budget spent.*window-level.*delta"):
+    with pytest.raises(BudgetExceeded, match="privacy budget spent.*user-level.*delta"):
         step(
             model,
             cfg,
@@ -133,11 +134,39 @@ def test_unreadable_ledger_refuses_instead_of_resetting(tmp_path):
 
 
 def test_guarantee_names_delta_unit_accountant_and_composition():
-    g = guarantee(2.5, 1e-5)
-    assert g == {
+    assert guarantee(2.5, 1e-5, "fedavg") == {
         "epsilon": 2.5,
-        "delta": 1e-5,
-        "unit": "window",
-        "accountant": "rdp",
-        "composition": "cumulative",
+        "dp_delta": 1e-5,
+        "dp_unit": "user",
+        "dp_mode": "fedavg",
+        "dp_accountant": "rdp",
+        "dp_composition": "cumulative over rounds",
     }
+    assert guarantee(8.0, 1e-5, "sgd")["dp_composition"] == "cumulative per client, capped"
+
+
+def test_a_replay_with_everything_the_server_knows_does_not_reproduce_the_update(tmp_path):
+    """The server knows the global model, the config and the seed a client derives from the
+    run seed, the round and its node id. Replaying the client's round with all of them
+    reproduces a non-private update bit for bit, and no tensor of a private one."""
+
+    def client_round(privacy):
+        cfg, model, items, _ = tiny_setup(0, num_negatives=3, batch_size=4)
+        step(model, cfg, tiny_records(), items, seed=42 + 100_003 * 3 + 7, privacy=privacy)
+        return trainable_state(model)
+
+    plain = client_round(None), client_round(None)
+    assert all(np.array_equal(plain[0][k], plain[1][k]) for k in plain[0])
+    private = [client_round(settings(tmp_path / f"{i}" / "ledger.json")) for i in (0, 1)]
+    assert not [k for k in private[0] if np.array_equal(private[0][k], private[1][k])]
+
+
+def test_fedavg_epsilon_equals_a_fresh_accountant_stepped_once_per_round():
+    sigma, q, delta = 1.1, 0.1, 1e-5
+    accountant = RDPAccountant()
+    for rounds in range(1, 31):
+        accountant.step(noise_multiplier=sigma, sample_rate=q)
+        if rounds in (1, 10, 30):
+            reference = accountant.get_epsilon(delta)
+            assert fedavg_epsilon(sigma, q, rounds, delta) == pytest.approx(reference, rel=1e-9)
+    assert fedavg_epsilon(sigma, q, 0, delta) == 0.0

@@ -16,10 +16,13 @@ from simulations import report, run
 
 # Round 0 is the initial evaluation; round 1 has a null and a missing metric; round 2 is last.
 PRIVACY = {
+    "dp_mode": "fedavg",
     "dp_delta": 1e-5,
-    "epsilon_unit": "window",
-    "accountant": "rdp",
-    "composition": "cumulative",
+    "dp_unit": "user",
+    "dp_accountant": "rdp",
+    "dp_composition": "cumulative over rounds",
+    "dp_noise_multiplier": 1.1,
+    "dp_sample_rate": 0.1,
 }
 ROWS = [
     {"round": 0, "val_hr@10": 0.05, "val_ndcg@10": 0.02, "elapsed_s": 1.5},
@@ -32,8 +35,7 @@ ROWS = [
         "fed_ndcg@10": None,
         "val_hr@10": 0.125,
         "val_ndcg@10": 0.0625,
-        "epsilon_max": 0.75,
-        "epsilon_mean": 0.5,
+        "epsilon": 0.75,
         "elapsed_s": 10.0,
         **PRIVACY,
     },
@@ -49,8 +51,7 @@ ROWS = [
         "test_hr@10": 0.2,
         "test_ndcg@10": 0.1,
         "test_mrr@10": 0.0875,
-        "epsilon_max": 1.5,
-        "epsilon_mean": 1.0,
+        "epsilon": 1.5,
         "elapsed_s": 20.0,
         **PRIVACY,
     },
@@ -68,7 +69,7 @@ def write_report(directory: Path) -> dict:
     return report.write_report(
         directory,
         scenario={"name": "unit", "description": "hand-written metrics", "path": "unit.toml"},
-        config={"num-server-rounds": 2, "dp-enabled": True, "dp-delta": 1e-5},
+        config={"num-server-rounds": 2, "dp-mode": "fedavg", "dp-delta": 1e-5},
         overrides=["num-server-rounds"],
         federation={"num-supernodes": 4, "client-resources-num-cpus": 1},
         status="finished:completed",
@@ -93,7 +94,7 @@ def test_results_json_has_every_round_and_the_last_as_final(tmp_path: Path) -> N
     assert results["config"]["num-server-rounds"] == 2
     assert [row["round"] for row in results["rounds"]] == [0, 1, 2]
     assert results["final"] == ROWS[-1]
-    assert results["privacy"]["epsilon_max"] == 1.5
+    assert results["privacy"]["epsilon"] == 1.5
     assert results["privacy"]["delta"] == 1e-5
 
 
@@ -102,7 +103,7 @@ def test_report_md_states_privacy_with_delta_unit_accountant_composition(tmp_pat
     write_report(tmp_path)
     text = (tmp_path / report.REPORT_FILE).read_text()
     privacy = text.split("## Privacy", 1)[1].split("##", 1)[0]
-    for term in ("epsilon", "1.5", "delta = 1e-05", "window-level", "rdp", "cumulative"):
+    for term in ("epsilon", "1.5", "delta = 1e-05", "user-level", "rdp", "cumulative", "1.1"):
         assert term in privacy
     assert "after round 2" in privacy
     assert "![" in text and report.PLOT_FILE in text
@@ -125,9 +126,9 @@ def test_epsilon_is_never_bare(tmp_path: Path) -> None:
 
 def test_privacy_statement_when_dp_is_off_claims_nothing() -> None:
     rows = [{"round": 1, "train_loss": 1.0}]
-    statement = report.privacy_summary(rows, {"dp-enabled": False})["statement"]
+    statement = report.privacy_summary(rows, {"dp-mode": "off"})["statement"]
     assert "disabled" in statement and "no privacy guarantee" in statement
-    enabled = report.privacy_summary(rows, {"dp-enabled": True})["statement"]
+    enabled = report.privacy_summary(rows, {"dp-mode": "fedavg"})["statement"]
     assert "enabled" in enabled and "no guarantee" in enabled
 
 
@@ -157,7 +158,7 @@ def test_tensorboard_scalars_read_back_equal_the_metrics(tmp_path: Path) -> None
         got = [(e.step, e.value) for e in acc.Scalars(tag)]
         assert [s for s, _ in got] == [s for s, _ in points], tag
         assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6), tag
-    assert "val/ndcg@10" in expected and "privacy/epsilon_max" in expected
+    assert "val/ndcg@10" in expected and "privacy/epsilon" in expected
 
 
 def test_regenerating_keeps_the_run_facts(tmp_path: Path, capsys) -> None:
@@ -218,7 +219,7 @@ description = "a test"
 [run]
 num-server-rounds = 2
 dataset = "path"
-dp-enabled = true
+dp-mode = "sgd"
 
 [federation]
 num-supernodes = 3
@@ -236,7 +237,7 @@ def test_load_scenario_reads_all_three_tables(tmp_path: Path) -> None:
     scenario = run.load_scenario(scenario_file(tmp_path, GOOD_SCENARIO))
     assert scenario.name == "tiny"
     assert scenario.description == "a test"
-    assert scenario.run == {"num-server-rounds": 2, "dataset": "path", "dp-enabled": True}
+    assert scenario.run == {"num-server-rounds": 2, "dataset": "path", "dp-mode": "sgd"}
     assert scenario.federation == {"num-supernodes": 3, "client-resources-num-cpus": 1}
 
 
@@ -285,7 +286,7 @@ def test_run_config_string_quotes_strings_and_lowercases_bools() -> None:
     values = {
         "dataset": "path",
         "data-path": "/tmp/my data/x",
-        "dp-enabled": True,
+        "central-eval": True,
         "resume": False,
         "num-server-rounds": 3,
         "dp-delta": 1e-5,
@@ -293,7 +294,7 @@ def test_run_config_string_quotes_strings_and_lowercases_bools() -> None:
     }
     text = runtime.to_config_string(values)
     assert "dataset='path'" in text
-    assert "dp-enabled=true" in text and "resume=false" in text
+    assert "central-eval=true" in text and "resume=false" in text
     assert "num-server-rounds=3" in text and "dp-delta=1e-05" in text
     # the reference: Flower's own parser reads back exactly the values
     assert parse_config_args([text]) == values
@@ -322,7 +323,7 @@ def test_shipped_scenarios_are_valid_for_the_app() -> None:
         overrides = runtime.check_run_config(scenario.run, defaults)
         run.check_app_config(run.PROJECT_DIR, {**defaults, **overrides})
     demo = run.load_scenario(run.PROJECT_DIR / "simulations" / "configs" / "demo.toml")
-    assert demo.run["partition"] == "user" and demo.run["dp-enabled"] is True
+    assert demo.run["partition"] == "user" and demo.run["dp-mode"] == "fedavg"
     assert demo.federation["num-supernodes"] == 943
 
 
@@ -368,8 +369,9 @@ def test_progress_line_prefers_val_hr_and_shows_both_ndcgs() -> None:
     assert "eps 1.500" in line and line.endswith("20.0 s")
     bare = runtime.progress_line({"round": 0}, total_rounds=None, wall_s=3.0)
     assert bare == "round 0 | 3.0 s"
-    header = runtime.progress_header(ROWS[1], {"dp-enabled": True})
-    assert all(t in header for t in ("window-level", "delta=1e-05", "rdp", "cumulative"))
+    header = runtime.progress_header(ROWS[1], {"dp-mode": "fedavg"})
+    assert all(t in header for t in ("user-level", "delta=1e-05", "rdp", "cumulative", "FedAvg"))
+    assert "off" in runtime.progress_header({"round": 1}, {"dp-mode": "off"})
 
 
 def test_flwr_config_toml_names_our_connection(tmp_path: Path) -> None:

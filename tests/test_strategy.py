@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Metadata, MetricRecord, RecordDict
 from flwr.app.message import make_message
 
-from server.strategy import FedRecAdam, FedRecAvg, make_strategy
+from server.strategy import CentralDP, FedRecAdam, FedRecAvg, make_strategy
 
 
 def arrays(**tensors) -> ArrayRecord:
@@ -221,3 +221,68 @@ def test_int8_updates_are_unbiased_and_within_one_step_of_each_row_scale():
         mean = np.mean([d[key] for d in decoded], axis=0).reshape(rows.shape)
         assert np.all(np.abs(mean - rows) <= step * 0.1)  # stochastic rounding: unbiased
     assert np.all(decoded[0]["emb"][3] == 0.0)  # an all-zero row stays exactly zero
+
+
+def dp_strategy(name: str, sigma: float, *, clip: float = 1.0, expected: float = 2.0):
+    s = make_strategy(
+        name,
+        server_learning_rate=0.1,
+        server_tau=1e-3,
+        min_available_nodes=1,
+        min_train_nodes=1,
+        central_dp=CentralDP(sigma, clip, 0.5, expected),
+    )
+    configure(s, arrays(w=np.zeros(4, np.float32)))
+    return s
+
+
+def test_dp_fedavg_clips_each_update_weighs_clients_equally_and_divides_by_the_expected_cohort():
+    s = dp_strategy("fedavg", 0.0, expected=4.0)
+    replies = [
+        update(1, 10**12, w=np.array([3e6, 4e6, 0, 0], np.float32)),  # norm 5e6, claims a lot
+        update(2, 1, w=np.array([0, 0, 0.3, 0.4], np.float32)),  # norm 0.5: kept as is
+    ]
+    agg, _ = s.aggregate_train(1, replies)
+    expected = (np.array([0.6, 0.8, 0, 0]) + np.array([0, 0, 0.3, 0.4])) / 4.0
+    np.testing.assert_allclose(agg["w"].numpy(), expected, rtol=1e-6)
+
+
+def test_dp_fedavg_noise_has_the_stated_scale_and_is_never_the_same_twice():
+    n, sigma, clip, expected = 20_000, 1.5, 0.5, 3.0
+
+    def release():
+        s = make_strategy(
+            "fedavg",
+            server_learning_rate=1.0,
+            min_available_nodes=1,
+            min_train_nodes=1,
+            central_dp=CentralDP(sigma, clip, 0.5, expected),
+        )
+        configure(s, arrays(w=np.zeros(n, np.float32)))
+        agg, _ = s.aggregate_train(1, [update(1, 1, w=np.zeros(n, np.float32))])
+        return agg["w"].numpy()
+
+    first, second = release(), release()  # same inputs, same (absent) seeds
+    assert not np.array_equal(first, second)
+    np.testing.assert_allclose(first.std(), sigma * clip / expected, rtol=0.03)
+
+
+def test_dp_fedavg_feeds_the_noised_mean_to_the_server_optimizer():
+    """Under DP, FedAdam steps on the private release (here noise-free) exactly as it would on
+    one client's update equal to that release."""
+    private = dp_strategy("fedadam", 0.0, expected=2.0)
+    replies = [update(1, 7, w=np.full(4, 0.2, np.float32)), update(2, 3, w=np.zeros(4, np.float32))]
+    agg, _ = private.aggregate_train(1, replies)
+    plain = make_strategy(
+        "fedadam", server_learning_rate=0.1, server_tau=1e-3, min_available_nodes=1
+    )
+    configure(plain, arrays(w=np.zeros(4, np.float32)))
+    reference, _ = plain.aggregate_train(1, [update(1, 1, w=np.full(4, 0.1, np.float32))])
+    np.testing.assert_allclose(agg["w"].numpy(), reference["w"].numpy(), rtol=1e-6)
+
+
+def test_poisson_sampling_keeps_each_node_with_the_sampling_rate():
+    s = dp_strategy("fedavg", 1.0)
+    kept = [len(s.poisson_sample(list(range(1000)))) for _ in range(20)]
+    assert len(set(kept)) > 1  # a random cohort size, not a fixed one
+    assert abs(np.mean(kept) - 500) < 25

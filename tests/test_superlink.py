@@ -105,7 +105,8 @@ user-layers = 1
 user-heads = 2
 num-negatives = 8
 batch-size = 8
-dp-enabled = true
+dp-mode = "sgd"
+fraction-evaluate = 0.0
 central-eval = true
 
 [federation]
