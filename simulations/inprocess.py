@@ -110,7 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="scenario TOML file")
     parser.add_argument("--output", type=Path, required=True, help="output directory (replaced)")
     parser.add_argument("--seed", type=int, help="overrides the scenario's seed")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: torch's); 1 when several runs share the cores",
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from simulations import report
 
