@@ -195,8 +195,7 @@ def train_handler(msg: Message, context: Context, base: Config) -> Message:
         )
     except BudgetExceeded as err:
         log.warning("%s declines round %d: %s", node.name, server_round, err)
-        metrics = {"num-examples": 0, "declined": 1}
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        return _declined(msg)
     # 4. Reply: the update of the trainable tensors, in the wire dtype
     trained = time.perf_counter()
     state = trainable_state(model)
@@ -206,23 +205,21 @@ def train_handler(msg: Message, context: Context, base: Config) -> Message:
     arrays = encode_update(state, received, cfg.wire_dtype, generator=rounding)
     if cfg.dp_enabled:  # only what is noised or public leaves a private client
         metrics = {"num-examples": PRIVATE_WEIGHT, "declined": 0}
-        return Message(
-            RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg
-        )
-    metrics = {
-        "num-examples": result.num_targets,
-        "declined": 0,
-        "train-loss": result.loss if math.isfinite(result.loss) else 0.0,
-        "steps": result.steps,
-        "cache-load-s": loaded - start,
-        "model-load-s": built - loaded,
-        "train-s": trained - built,
-        "reply-s": time.perf_counter() - trained,
-        "update-s": time.perf_counter() - start,
-        "peak-rss-mb": peak_rss_mb(),
-    }
-    if node.device:  # a fresh process per message: its start-up (imports) is per round too
-        metrics["startup-s"] = process_age_s
+    else:
+        metrics = {
+            "num-examples": result.num_targets,
+            "declined": 0,
+            "train-loss": result.loss if math.isfinite(result.loss) else 0.0,
+            "steps": result.steps,
+            "cache-load-s": loaded - start,
+            "model-load-s": built - loaded,
+            "train-s": trained - built,
+            "reply-s": time.perf_counter() - trained,
+            "update-s": time.perf_counter() - start,
+            "peak-rss-mb": peak_rss_mb(),
+        }
+        if node.device:  # a fresh process per message: its start-up (imports) is per round too
+            metrics["startup-s"] = process_age_s
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -234,8 +231,7 @@ def evaluate_handler(msg: Message, context: Context, base: Config) -> Message:
     node = node_of(context, base, msg)
     if node.cfg.dp_enabled:
         log.info("%s declines to evaluate: differential privacy is on", node.name)
-        reply = {"num-examples": 0, "declined": 1}
-        return Message(RecordDict({"metrics": MetricRecord(reply)}), reply_to=msg)
+        return _declined(msg)
     model, _ = _global_model(node, msg)
     split = str(msg.content["config"].get("split", "valid"))
     cases = eval_cases(node.users, split)
@@ -243,6 +239,13 @@ def evaluate_handler(msg: Message, context: Context, base: Config) -> Message:
     metrics, _ = evaluate(model=model, cfg=node.cfg, items=items, cases=cases)
     reply = {"num-examples": len(cases), **{k: float(v) for k, v in metrics.items()}}
     return Message(RecordDict({"metrics": MetricRecord(reply)}), reply_to=msg)
+
+
+def _declined(msg: Message) -> Message:
+    """The reply of a node that does not do what `msg` asks (budget spent, or private)."""
+    return Message(
+        RecordDict({"metrics": MetricRecord({"num-examples": 0, "declined": 1})}), reply_to=msg
+    )
 
 
 def install_handler(msg: Message, context: Context, base: Config) -> Message:

@@ -145,7 +145,8 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         stats = strategy.stats.get(server_round)
         if stats is not None:
             row.update(_stats_row(stats))
-        row.update(privacy_terms(cfg, central_dp, global_round))
+        privacy = privacy_terms(cfg, central_dp, global_round)
+        row.update(privacy)
         row["server_peak_rss_mb"] = peak_rss_mb()
         now = time.perf_counter()
         row["elapsed_s"] = now - start
@@ -157,7 +158,7 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
                 **identity,
                 "version": model_version(global_round, state),
                 "metrics": row,
-                "privacy": privacy_terms(cfg, central_dp, global_round),
+                "privacy": privacy,
             }
             runlog.save_round(global_round, state=state, cfg=cfg, metadata=metadata)
             due = cfg.push_every and global_round % cfg.push_every == 0

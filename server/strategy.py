@@ -224,7 +224,8 @@ class ValidatedReplies:
                 )
                 continue
             stats.bytes_up += array_bytes(next(iter(msg.content.array_records.values())))
-            accepted.append(self._as_weights(msg))
+            # DP-FedAvg weighs every client the same and works on the updates themselves
+            accepted.append(msg if self.central_dp is not None else self._as_weights(msg))
             stats.update_seconds.extend(_floats(metrics, "update-s"))
             for key in CLIENT_TIMES:
                 stats.client_seconds.setdefault(key, []).extend(_floats(metrics, key))
@@ -266,8 +267,8 @@ class ValidatedReplies:
         keys = list(self._global)
         total = [np.zeros_like(self._global[k], dtype=np.float64) for k in keys]
         for msg in accepted:
-            weights = next(iter(msg.content.array_records.values()))
-            update = [weights[k].numpy().astype(np.float64) - self._global[k] for k in keys]
+            decoded = decode_update(next(iter(msg.content.array_records.values())), self._shapes())
+            update = [decoded[k].astype(np.float64) for k in keys]
             if get_norm(update) > 0:  # Flower's clipping, whatever the client did
                 clip_inputs_inplace(update, dp.clip_norm)
             for acc, u in zip(total, update, strict=True):
