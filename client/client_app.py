@@ -26,6 +26,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
+from client.faults import make_fault_mod
 from client.installed import install
 from common.config import Config
 from common.data import Catalog, UserSplit
@@ -62,8 +63,8 @@ CATALOG_SHA256 = "catalog-sha256"
 
 def create_app(base: Config | None = None) -> ClientApp:
     """A ClientApp whose config is `base` (default: Config()) overridden by the run config."""
-    app = ClientApp()
     base = base or Config()
+    app = ClientApp(mods=[make_fault_mod(base)])  # a no-op unless a simulation asks for faults
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:

@@ -39,9 +39,25 @@ from common import credentials
 from common.data import DataError
 from common.runtime import ConfigError, RunnerError, SuperNode, flower_env, tail
 
-# flower-supernode exits 1 and logs "Exit Code: 305" when the SuperLink refuses to activate it
-REFUSED = re.compile(r"Exit Code: 305\b")
+# flower-supernode exits 1 and logs "Exit Code: 305", then the reason, when it cannot connect
+# to the SuperLink: refused (key not registered or revoked), unreachable or a TLS failure.
+CONNECTION_FAILED = re.compile(r"Exit Code: 305\b")
+PROG = "fedrec-client"
 EXIT_REFUSED = 3
+REFUSED, TLS_FAILURE, UNREACHABLE = "refused", "tls", "unreachable"
+# Tried in order on the logged reason. Refusal first, by the SuperLink's own answer
+# (FLEET_NODE_ACTIVATION_FAILED is code 2004; gRPC's status names where Flower uses gRPC):
+# a socket's "Connection refused" means nobody listens, and stays unreachable.
+FAILURE_KINDS = (
+    (
+        REFUSED,
+        re.compile(
+            r"\[code: 2004\]|Failed to activate SuperNode|Invalid SuperNode authentication|"
+            r"\b(?:401|403)\b|Unauthorized|Forbidden|UNAUTHENTICATED|PERMISSION_DENIED"
+        ),
+    ),
+    (TLS_FAILURE, re.compile(r"SSL|TLS|certificate|handshake", re.IGNORECASE)),
+)
 
 
 def check_files(*, data: Path, catalog: Path, data_format: str) -> str:
@@ -107,14 +123,15 @@ def join(args: argparse.Namespace) -> int:
     finally:
         node.stop()
     code = node.returncode
-    if code and REFUSED.search(log_path.read_text(encoding="utf-8", errors="replace")):
+    failure = connection_failure(tail(log_path, 200)) if code else None
+    if failure is not None:
+        kind, reason = failure
         print(
-            "The server refused this device: its key is not registered or was revoked "
-            "(ask the operator to run `fedrec-server device add`), or the server cannot be "
-            f"reached at {args.superlink}.\n{tail(log_path, 12)}",
+            f"{failure_message(kind, reason, superlink=args.superlink, max_wait_s=args.max_wait_s)}"
+            f"\n{tail(log_path, 12)}",
             file=sys.stderr,
         )
-        return EXIT_REFUSED
+        return EXIT_REFUSED if kind == REFUSED else 1
     if code == 0:  # it was not asked to stop: the SuperLink ended the session (revoked key)
         print(
             "The server ended this device's session: its key was probably revoked (ask the "
@@ -124,6 +141,46 @@ def join(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     print(f"The SuperNode exited with code {code}.\n{tail(log_path, 12)}", file=sys.stderr)
     return 1
+
+
+def connection_failure(log_text: str) -> tuple[str, str] | None:
+    """Why a SuperNode could not connect, from its log: (kind, the reason it logged), kind
+    one of REFUSED, TLS_FAILURE, UNREACHABLE; None when the log shows no failed connection."""
+    found = list(CONNECTION_FAILED.finditer(log_text))
+    if not found:
+        return None
+    reason = []
+    for line in log_text[found[-1].end() :].splitlines()[1:]:
+        line = line.strip()
+        if not line or line.startswith("The SuperNode could not establish"):
+            break
+        if not line.startswith("Failed to initialize the connection"):
+            reason.append(line)
+    text = " ".join(reason) or "no reason logged"
+    kind = next((k for k, pattern in FAILURE_KINDS if pattern.search(text)), UNREACHABLE)
+    return kind, text
+
+
+def failure_message(kind: str, reason: str, *, superlink: str, max_wait_s: float | None) -> str:
+    """What `join` tells the user when the SuperNode could not connect."""
+    reason = reason if reason.endswith(".") else reason + "."
+    if kind == REFUSED:
+        return (
+            f"The server at {superlink} refused this device: its key is not registered or was "
+            f"revoked (ask the operator to run `fedrec-server device add`). It said: {reason}"
+        )
+    if kind == TLS_FAILURE:
+        host = superlink.rsplit(":", 1)[0]
+        return (
+            f"TLS failure with the server at {superlink}: {reason} Check that "
+            "--root-certificates is the server's ca.crt and that the server's certificate "
+            f"names {host}."
+        )
+    waited = f" (gave up after --max-wait-s {max_wait_s:g} s)" if max_wait_s else ""
+    return (
+        f"The server at {superlink} could not be reached{waited}: {reason} Check the address "
+        "and port, that the server is running and that this machine can reach it."
+    )
 
 
 def status(state_dir: Path) -> dict:
@@ -158,29 +215,26 @@ def open_recommender(args: argparse.Namespace):
     from common.config import Config
     from common.data import load_catalog
     from common.task import load_run_catalog
+    from common.weights import read_metadata
 
     if (args.model is None) == (args.state_dir is None):
         raise ConfigError("Give exactly one of --model DIR and --state-dir DIR.")
-    model_dir = args.model
-    if args.state_dir is not None:
-        from client.installed import installed_dir
-
-        model_dir = installed_dir(args.state_dir)
-        if model_dir is None:
+    if args.state_dir is not None:  # the newest installed version whose fedrec.json reads
+        meta = installed_metadata(args.state_dir)
+        if meta is None:
             raise ConfigError(f"No model is installed in {args.state_dir} yet.")
-    meta_file = Path(model_dir) / "fedrec.json"
-    if not meta_file.exists():
-        raise ConfigError(f"{model_dir} is not a fedrec model directory (no fedrec.json).")
+    else:
+        meta = read_metadata(args.model)  # ModelDirError naming the file
     if args.catalog is not None:
         catalog = load_catalog(args.catalog)
     else:  # the catalog the model was trained on, where this machine has it
-        catalog = load_run_catalog(Config.from_mapping(json.loads(meta_file.read_text())["config"]))
+        catalog = load_run_catalog(Config.from_mapping(meta["config"]))
     options = {"device": args.device, "quantize": args.quantize, "runtime": args.runtime}
     if args.backbone:
         options["backbone"] = args.backbone
     if args.state_dir is not None:
         return LocalRecommender.installed(args.state_dir, catalog=catalog, **options)
-    return LocalRecommender.load(model_dir, catalog=catalog, **options)
+    return LocalRecommender.load(args.model, catalog=catalog, **options)
 
 
 def recommend(args: argparse.Namespace) -> int:
@@ -192,7 +246,7 @@ def recommend(args: argparse.Namespace) -> int:
     try:
         items = rec.recommend(history, args.k, exclude_seen=not args.include_seen)
     except UnknownItems as exc:
-        print(f"error: {exc} Item ids are the catalog's (first column).", file=sys.stderr)
+        print(f"{PROG}: error: {exc} Item ids are the catalog's (first column).", file=sys.stderr)
         return 2
     meta = rec.metadata
     print(
@@ -210,17 +264,21 @@ def serve(args: argparse.Namespace) -> int:
     """Run the HTTP service until stopped."""
     import uvicorn
 
-    from client.service import create_service
+    from client.service import create_service, service_token
 
     rec = open_recommender(args)
     watch = args.watch_s if args.state_dir is not None and args.watch_s > 0 else None
-    app = create_service(rec, watch_s=watch)
+    token, kept_in = service_token(token_file=args.token_file, state_dir=args.state_dir)
+    app = create_service(rec, watch_s=watch, token=token)
+    # the token itself is shown only when it is kept nowhere else (no --state-dir)
+    where = f"the token in {kept_in}" if kept_in else f"this token, new at each start: {token}"
     print(
         f"Serving model {rec.metadata.get('version')} ({rec.num_items} items) on "
         f"http://{args.host}:{args.port} (docs at /docs)"
         + (f"; new installs are loaded every {watch:g} s" if watch else ""),
         flush=True,
     )
+    print(f"POST /items and /reload need `Authorization: Bearer <token>` with {where}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -323,6 +381,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 default=10.0,
                 help="with --state-dir: check for a newer installed model this often (0: never)",
             )
+            cmd.add_argument(
+                "--token-file",
+                type=Path,
+                help="file holding the token that POST /items and /reload need (default: "
+                "$FEDREC_SERVICE_TOKEN, else a new one written to STATE_DIR/service.token)",
+            )
     return parser.parse_args(argv)
 
 
@@ -346,11 +410,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return serve(args)
         return join(args)
-    except (ConfigError, DataError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    # a one-line error naming the file, never a traceback (InstalledModelError, ModelDirError
+    # and DataError are ValueErrors)
+    except (ConfigError, DataError, OSError, ValueError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except RunnerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
 
 

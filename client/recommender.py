@@ -3,6 +3,7 @@
     rec = LocalRecommender.load("state/models/r0005-...", catalog=catalog)   # or .installed(state)
     rec.recommend(["50", "172", "133"], k=10)      # [Recommendation(item_id, title, score), ...]
     rec.add_items({"new-1": "A space opera. Genres: Sci-Fi"})    # recommendable at once
+    rec.add_items({"50": "A new text for item 50"}, replace=True)  # replacing needs asking
     rec.reload()                                   # a newer installed model, requests keep going
 
 The index holds one vector per item, computed once from the frozen-backbone states of the
@@ -11,10 +12,17 @@ last `history-len` items and one matrix-vector product over the index; a new ite
 backbone pass over its text and one item-tower pass. Every request reads one immutable
 snapshot (model, index, ids), and writers swap in a new snapshot under a lock, so a reload or
 an add never blocks or breaks a request in flight.
+
+With a state directory, added items are kept in `<state-dir>/added_items.jsonl` (one
+`{"item_id": ..., "text": ...}` per line, rewritten atomically on every add) and added again
+when a recommender starts over that directory, so they survive a restart.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,17 +33,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.installed import installed_dir
+from client.installed import first_usable
 from common.backbone import ItemStates, cached_item_states, encode_items, load_backbone
 from common.config import Config
-from common.data import Catalog
+from common.data import Catalog, DataError
 from common.model import Recommender
 from common.train import encoded_items, item_vectors
-from common.weights import load_model_dir, load_trainable_state
+from common.weights import ModelDirError, load_model_dir, load_trainable_state
 
 QUANTIZE = ("none", "int8")
 RUNTIMES = ("auto", "torch", "onnx")
 TITLE_CHARS = 80
+ADDED_ITEMS_FILE = "added_items.jsonl"  # in the state directory
+
+
+def ids_text(ids: Sequence[str], *, shown: int = 10) -> str:
+    """ "'a', 'b' and 3 more": the first few ids of a list, for a message."""
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return ", ".join(repr(i) for i in ids[:shown]) + more
 
 
 class UnknownItems(KeyError):
@@ -43,12 +58,77 @@ class UnknownItems(KeyError):
 
     def __init__(self, ids: Sequence[str]):
         self.ids = list(ids)
-        shown = ", ".join(repr(i) for i in self.ids[:10])
-        more = f" and {len(self.ids) - 10} more" if len(self.ids) > 10 else ""
-        super().__init__(f"Unknown item id(s): {shown}{more}.")
+        super().__init__(f"Unknown item id(s): {ids_text(self.ids)}.")
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class ExistingItems(ValueError):
+    """add_items without replace=True was given ids that are already in the index."""
+
+    def __init__(self, ids: Sequence[str]):
+        self.ids = list(ids)
+        super().__init__(
+            f"Item id(s) already in the index: {ids_text(self.ids)}. Nothing was added; ask "
+            "to replace their text (replace=True) or use new ids."
+        )
+
+
+class TooManyAddedItems(ValueError):
+    """add_items would take the number of added items past its cap."""
+
+    def __init__(self, *, added: int, new: int, cap: int):
+        self.added, self.new, self.cap = added, new, cap
+        super().__init__(
+            f"{new} new item(s) would take the added items from {added} to {added + new}, "
+            f"over the cap of {cap}. Nothing was added."
+        )
+
+
+def read_added_items(path: Path) -> dict[str, str]:
+    """The items kept in an added-items file (id -> text); {} when there is none."""
+    if not path.exists():
+        return {}
+    fix = "Fix or delete that line: it is an item added through add_items or POST /items."
+    items: dict[str, str] = {}
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {number}: not JSON ({exc.msg}). {fix}") from None
+            fields = ("item_id", "text")
+            if not isinstance(row, dict) or not all(
+                isinstance(row.get(f), str) and row[f].strip() for f in fields
+            ):
+                raise DataError(
+                    f'{path}, line {number}: expected {{"item_id": "...", "text": "..."}} with '
+                    f"non-empty strings. {fix}"
+                )
+            items[row["item_id"]] = row["text"]
+    return items
+
+
+def write_added_items(path: Path, items: Mapping[str, str]) -> None:
+    """Write the added items to their file at once: a crash leaves the old file or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)  # a state directory nothing was installed in
+    with tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
+    ) as out:
+        try:
+            for item_id, text in items.items():
+                row = {"item_id": item_id, "text": text}
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        except BaseException:
+            out.close()
+            os.unlink(out.name)
+            raise
+    os.replace(out.name, path)
 
 
 @dataclass(frozen=True)
@@ -164,9 +244,12 @@ class LocalRecommender:
         self.runtime = runtime
         self.cache_dir = cache_dir
         self.backbone_override = backbone
-        self.state_dir = state_dir
+        self.state_dir = None if state_dir is None else Path(state_dir).expanduser()
         self.model_dir: Path | None = None
-        self._added: dict[str, str] = {}  # items added since the catalog: kept across reloads
+        # items added since the catalog: kept across reloads, and across restarts on disk
+        self._added: dict[str, str] = {}
+        if self.state_dir is not None:
+            self._added = read_added_items(self.state_dir / ADDED_ITEMS_FILE)
         self._lock = threading.Lock()  # writers only; readers take the current snapshot
         self._snapshot: _Snapshot | None = None
 
@@ -181,18 +264,21 @@ class LocalRecommender:
 
     @classmethod
     def installed(cls, state_dir: str | Path, *, catalog: Catalog, **options) -> LocalRecommender:
-        """The model installed in a device's state directory; `reload()` follows new installs."""
+        """The model installed in a device's state directory; `reload()` follows new installs.
+
+        A damaged newest version is skipped with a warning (the previous one is used);
+        InstalledModelError when no version loads.
+        """
         state_dir = Path(state_dir).expanduser()
-        path = installed_dir(state_dir)
-        if path is None:
-            raise FileNotFoundError(f"No model is installed in {state_dir}.")
         options.setdefault("cache_dir", state_dir / "cache")
         rec = cls(catalog=catalog, state_dir=state_dir, **options)
-        rec.reload(path)
+        if not rec.reload():
+            raise FileNotFoundError(f"No model is installed in {state_dir}.")
         return rec
 
     def reload(self, model_dir: str | Path | None = None) -> bool:
-        """Load a model directory (default: the device's newest install) and swap it in.
+        """Load a model directory (default: the device's newest install that loads, a damaged
+        one skipped with a warning) and swap it in.
 
         Returns False when that model is already loaded. Requests in flight finish on the
         old snapshot; the next one uses the new model.
@@ -200,15 +286,28 @@ class LocalRecommender:
         if model_dir is None:
             if self.state_dir is None:
                 raise ValueError("reload() without a path needs a state directory.")
-            model_dir = installed_dir(self.state_dir)
-            if model_dir is None:
-                return False
+            return self._reload_installed()
         model_dir = Path(model_dir).expanduser()
         with self._lock:
             if self._snapshot is not None and self.model_dir == model_dir.resolve():
                 return False
             snapshot = self._build(model_dir)
             self._snapshot, self.model_dir = snapshot, model_dir.resolve()
+            return True
+
+    def _reload_installed(self) -> bool:
+        """reload() of the newest installed version that loads (damaged ones are skipped)."""
+
+        def build(path: Path) -> _Snapshot | None:
+            if self._snapshot is not None and self.model_dir == path.resolve():
+                return None  # the newest usable version is the one loaded
+            return self._build(path)
+
+        with self._lock:
+            found = first_usable(self.state_dir, build)
+            if found is None or found[1] is None:
+                return False
+            self._snapshot, self.model_dir = found[1], found[0].resolve()
             return True
 
     def _build(self, model_dir: Path) -> _Snapshot:
@@ -228,7 +327,10 @@ class LocalRecommender:
         from common.task import build_model  # the data layer, only needed here
 
         model = build_model(cfg, num_items=int(metadata["catalog_items"]))
-        load_trainable_state(model, state)
+        try:
+            load_trainable_state(model, state)
+        except ValueError as exc:  # the tensors disagree with their own fedrec.json
+            raise ModelDirError(f"{model_dir}: {exc}") from None
         model.eval()
         states = cached_item_states(
             load_backbone(cfg.backbone),
@@ -261,10 +363,14 @@ class LocalRecommender:
 
     # --- freshness ----------------------------------------------------------------------
 
-    def add_items(self, items: Mapping[str, str]) -> dict[str, int]:
-        """Add items (id -> text), or replace the text of existing ones; recommendable at once.
+    def add_items(
+        self, items: Mapping[str, str], *, replace: bool = False, max_added: int | None = None
+    ) -> dict[str, int]:
+        """Add items (id -> text), recommendable at once; with a state directory, kept on disk.
 
-        Returns {"added": n, "updated": m}.
+        An id already in the index raises ExistingItems unless replace=True (then its text is
+        replaced); more than max_added added items in all raises TooManyAddedItems. Either
+        refusal adds nothing. Returns {"added": n, "updated": m}.
         """
         clean = {}
         for item_id, text in items.items():
@@ -273,10 +379,18 @@ class LocalRecommender:
             clean[str(item_id)] = str(text)
         with self._lock:
             snapshot = self._current()
-            updated = sum(1 for i in clean if i in snapshot.positions)
-            self._snapshot = self._with_items(snapshot, clean)
-            self._added.update(clean)
-        return {"added": len(clean) - updated, "updated": updated}
+            existing = [i for i in clean if i in snapshot.positions]
+            if existing and not replace:
+                raise ExistingItems(existing)
+            new = sum(1 for i in clean if i not in self._added)
+            if max_added is not None and len(self._added) + new > max_added:
+                raise TooManyAddedItems(added=len(self._added), new=new, cap=max_added)
+            updated_snapshot = self._with_items(snapshot, clean)
+            added = {**self._added, **clean}
+            if self.state_dir is not None:  # on disk first: a failed write changes nothing
+                write_added_items(self.state_dir / ADDED_ITEMS_FILE, added)
+            self._snapshot, self._added = updated_snapshot, added
+        return {"added": len(clean) - len(existing), "updated": len(existing)}
 
     def _with_items(self, snapshot: _Snapshot, items: Mapping[str, str]) -> _Snapshot:
         """A new snapshot with these items' vectors computed from their text."""
@@ -386,6 +500,11 @@ class LocalRecommender:
     @property
     def num_items(self) -> int:
         return len(self._current().item_ids)
+
+    @property
+    def num_added(self) -> int:
+        """Items added (or replaced) since the catalog, counting those kept on disk."""
+        return len(self._added)
 
     def has_item(self, item_id: str) -> bool:
         return item_id in self._current().positions

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, BertModel, PreTrainedTokenizerBase
 
@@ -158,11 +159,18 @@ def cached_item_states(
     max_tokens: int,
     cache_dir: Path,
 ) -> ItemStates:
-    """Item states from the disk cache, computed and stored atomically when missing."""
+    """Item states from the disk cache, computed and stored atomically when missing.
+
+    A damaged cache file (truncated, or not the catalog's shape) is computed again and
+    replaced, with a warning naming it.
+    """
     key = cache_key(backbone, catalog_fingerprint, k=k, max_tokens=max_tokens)
     path = Path(cache_dir) / "item-states" / f"{key}.safetensors"
     if path.exists():
-        return _load_states(path)
+        try:
+            return _load_states(path, len(texts))
+        except CacheError as exc:
+            log.warning("%s Computing the catalog's item states again.", exc)
     log.info("Encoding %d catalog items with the frozen backbone (k=%d)...", len(texts), k)
     items = encode_items(backbone, texts, k=k, max_tokens=max_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +181,19 @@ def cached_item_states(
     return items
 
 
+class CacheError(ValueError):
+    """A cache file is damaged; the message names it."""
+
+
 @functools.lru_cache(maxsize=4)
-def _load_states(path: Path) -> ItemStates:
-    tensors = load_file(str(path))
-    return ItemStates(states=tensors["states"], mask=tensors["mask"])
+def _load_states(path: Path, count: int) -> ItemStates:
+    """The cached states of `count` items; CacheError when the file is damaged."""
+    try:
+        tensors = load_file(str(path))
+        states, mask = tensors["states"], tensors["mask"]
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"{path}: damaged cache file ({exc}).") from None
+    if len(states) != count or mask.dtype != torch.bool or mask.shape[0] != count:
+        shapes = f"states {tuple(states.shape)}, mask {mask.dtype}{tuple(mask.shape)}"
+        raise CacheError(f"{path}: damaged cache file ({shapes} for {count} items).")
+    return ItemStates(states=states, mask=mask)

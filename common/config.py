@@ -14,7 +14,20 @@ from typing import Any
 # pyproject's [tool.flwr.app.config], in scenario files and on `--run-config`.
 
 
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+STRATEGIES = (
+    "fedavg",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    # robust to a minority of bad clients (server/strategy.py); plain steps, no server optimizer
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "bulyan",
+)
+NORM_ACTIONS = ("clip", "reject")
+FAULT_KINDS = ("raise", "hang", "garbage", "scale", "sign-flip")  # see client/faults.py
 WIRE_DTYPES = ("int8", "half", "float32")  # see common/wire.py
 DP_MODES = ("off", "fedavg", "sgd")  # see common/privacy.py
 
@@ -100,7 +113,10 @@ class Config:
     )
     strategy: str = field(
         default="fedavg",
-        metadata=_doc("Aggregation: fedavg | fedavgm | fedadam | fedyogi | fedadagrad."),
+        metadata=_doc(
+            "Aggregation: fedavg | fedavgm | fedadam | fedyogi | fedadagrad, or a robust rule: "
+            "fedmedian | fedtrimmedavg | krum | bulyan."
+        ),
     )
     server_learning_rate: float = field(
         default=0.01,
@@ -117,6 +133,38 @@ class Config:
     max_client_weight: float = field(
         default=100.0,
         metadata=_doc("Cap on a client's example-count weight (client-weighting=examples)."),
+    )
+    update_norm_limit: float = field(
+        default=5.0,
+        metadata=_doc(
+            "An update whose L2 norm is over this multiple of the round's median update norm is "
+            "clipped or rejected (update-norm-action); 0 = off. Not applied under dp-mode fedavg, "
+            "which clips to dp-clip-norm."
+        ),
+    )
+    update_norm_action: str = field(
+        default="clip", metadata=_doc("clip | reject: what update-norm-limit does.")
+    )
+    trimmed_beta: float = field(
+        default=0.2,
+        metadata=_doc("fedtrimmedavg: share cut from each end of every coordinate, in [0, 0.5)."),
+    )
+    num_malicious_nodes: int = field(
+        default=0, metadata=_doc("krum / bulyan: how many bad clients a round must survive.")
+    )
+    fault_share: float = field(
+        default=0.0,
+        metadata=_doc(
+            "Simulation only: share of simulated clients that misbehave as fault-kind says "
+            "(client/faults.py); 0 = none."
+        ),
+    )
+    fault_kind: str = field(
+        default="raise",
+        metadata=_doc("raise | hang | garbage | scale | sign-flip (client/faults.py)."),
+    )
+    fault_scale: float = field(
+        default=10.0, metadata=_doc("scale / sign-flip: the update times +-fault-scale.")
     )
     wire_dtype: str = field(
         default="int8",
@@ -229,6 +277,8 @@ class Config:
             "strategy": STRATEGIES,
             "local_optimizer": ("adam", "sgd"),
             "client_weighting": ("examples", "uniform"),
+            "update_norm_action": NORM_ACTIONS,
+            "fault_kind": FAULT_KINDS,
             "wire_dtype": WIRE_DTYPES,
         }
         for name, allowed in choices.items():
@@ -240,6 +290,19 @@ class Config:
         for name in ("server_learning_rate", "server_tau", "max_client_weight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{key_of(name)} must be positive, got {getattr(self, name)}.")
+        if self.update_norm_limit != 0 and self.update_norm_limit < 1:
+            raise ValueError(
+                "update-norm-limit must be 0 (off) or at least 1 (a multiple of the median), "
+                f"got {self.update_norm_limit}."
+            )
+        if not 0.0 <= self.fault_share <= 1.0:
+            raise ValueError(f"fault-share must lie in [0, 1], got {self.fault_share}.")
+        if not 0.0 <= self.trimmed_beta < 0.5:
+            raise ValueError(f"trimmed-beta must lie in [0, 0.5), got {self.trimmed_beta}.")
+        if self.num_malicious_nodes < 0:
+            raise ValueError(
+                f"num-malicious-nodes must be 0 or more, got {self.num_malicious_nodes}."
+            )
         if not 0.0 <= self.server_momentum < 1.0:
             raise ValueError(f"server-momentum must lie in [0, 1), got {self.server_momentum}.")
         if self.partition not in ("user", "iid"):

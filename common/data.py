@@ -18,7 +18,10 @@ indices follow the order of first appearance in the interactions file; item indi
 order of the items file. Timestamps are parsed to float64, exact for integer Unix seconds.
 
 Bad input raises :class:`DataError` with the file and 1-based line:
-``"/data/u.data, line 17: expected 4 tab-separated fields, got 3"``.
+``"/data/u.data, line 17: expected 4 tab-separated fields, got 3"``. A file without a single
+row (an interactions file with only its header, an empty catalog) and a negative timestamp
+are errors too; an item without text or title is a warning naming its lines (its id stands in
+for the text).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import codecs
 import csv
 import hashlib
 import io
+import logging
 import math
 import os
 import shutil
@@ -39,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "atomic", "ml-100k", "ml-1m", "ml-csv", "csv")
 PARTITION_SCHEMES = ("user", "iid")
@@ -272,7 +278,23 @@ def split_by_user(interactions: Interactions) -> list[UserSplit]:
         else:
             train, valid, test = history, -1, -1
         splits.append(UserSplit(interactions.user_ids[user], train, valid, test))
+    _warn_unevaluated(counts)
     return splits
+
+
+def _warn_unevaluated(counts: np.ndarray) -> None:
+    """Count, in a warning, the users too short to be evaluated: they only train."""
+    no_test = int(np.sum(counts < 2))
+    no_valid = int(np.sum(counts == 2))
+    if no_test or no_valid:
+        log.warning(
+            "%d of %d user(s) have fewer than 2 interactions and are skipped from evaluation "
+            "(no test or validation item); %d more have 2 and are skipped from validation. "
+            "They still train.",
+            no_test,
+            len(counts),
+            no_valid,
+        )
 
 
 def partition_users(
@@ -525,6 +547,8 @@ def _read_text(path: Path, *, encoding: str, expected: str) -> str:
         raise DataError(f"{path}: cannot read ({exc.strerror}); expected {expected}.") from None
     if encoding == "utf-8" and data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8) :]
+    elif encoding == "utf-8" and data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(f"{path}: the file is UTF-16 encoded; save it as UTF-8.")
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as exc:
@@ -640,7 +664,8 @@ def _read_catalog(source: _Source) -> Catalog:
     ids: list[str] = []
     texts: list[str] = []
     first_line: dict[str, int] = {}
-    for number, item_id, text in entries:
+    blank: list[int] = []  # lines of items without text or title
+    for number, item_id, text, empty in entries:
         if not item_id:
             raise _error(path, number, "empty item id")
         if item_id in first_line:
@@ -652,10 +677,23 @@ def _read_catalog(source: _Source) -> Catalog:
         first_line[item_id] = number
         ids.append(item_id)
         texts.append(text)
+        if empty:
+            blank.append(number)
+    if not ids:
+        raise DataError(f"{path}: holds no items; a catalog needs at least one.")
+    if blank:
+        shown = ", ".join(str(n) for n in blank[:10]) + (" ..." if len(blank) > 10 else "")
+        log.warning(
+            "%s: %d item(s) have an empty text or title (line(s) %s); their id stands in "
+            "for it, which tells the model nothing about them.",
+            path,
+            len(blank),
+            shown,
+        )
     return Catalog(tuple(ids), tuple(texts))
 
 
-def _atomic_items(path: Path) -> Iterator[tuple[int, str, str]]:
+def _atomic_items(path: Path) -> Iterator[tuple[int, str, str, bool]]:
     """RecBole .item: title from movie_title, year from release_year, genres from class.
 
     RecBole keeps each genre as one token ("Children's", "Sci-Fi") and separates genres with
@@ -664,10 +702,11 @@ def _atomic_items(path: Path) -> Iterator[tuple[int, str, str]]:
     text = _read_text(path, encoding="utf-8", expected="a RecBole atomic items file (.item)")
     optional = ("movie_title", "release_year", "class")
     for number, (item_id, title, year, genres) in _atomic_table(path, text, ["item_id"], optional):
-        yield number, item_id, movie_text(title, year=year, genres=genres.split(), fallback=item_id)
+        item_text = movie_text(title, year=year, genres=genres.split(), fallback=item_id)
+        yield number, item_id, item_text, not title.strip()
 
 
-def _ml100k_items(path: Path) -> Iterator[tuple[int, str, str]]:
+def _ml100k_items(path: Path) -> Iterator[tuple[int, str, str, bool]]:
     """GroupLens u.item: the title already holds "(Year)"; genres from the flags and u.genre."""
     genres = _ml100k_genres(path.parent / "u.genre")
     text = _read_text(path, encoding="latin-1", expected="the ml-100k items file (u.item)")
@@ -679,7 +718,8 @@ def _ml100k_items(path: Path) -> Iterator[tuple[int, str, str]]:
         if any(flag.strip() not in ("0", "1") for flag in flags):
             raise _error(path, number, "genre flags (fields 6 onwards) must be 0 or 1")
         names = [name for name, flag in zip(genres, flags, strict=True) if flag.strip() == "1"]
-        yield number, item_id, movie_text(parts[1], genres=names, fallback=item_id)
+        item_text = movie_text(parts[1], genres=names, fallback=item_id)
+        yield number, item_id, item_text, not parts[1].strip()
 
 
 def _ml100k_genres(path: Path) -> tuple[str, ...]:
@@ -699,7 +739,7 @@ def _ml100k_genres(path: Path) -> tuple[str, ...]:
     return tuple(named[i] for i in range(len(named)))
 
 
-def _ml1m_items(path: Path) -> Iterator[tuple[int, str, str]]:
+def _ml1m_items(path: Path) -> Iterator[tuple[int, str, str, bool]]:
     """GroupLens ml-1m movies.dat: "1::Toy Story (1995)::Animation|Children's|Comedy"."""
     text = _read_text(path, encoding="latin-1", expected="the ml-1m items file (movies.dat)")
     for number, line in _lines(text):
@@ -709,22 +749,23 @@ def _ml1m_items(path: Path) -> Iterator[tuple[int, str, str]]:
         item_id = _integer_id(path, number, parts[0], "item id")
         title = "::".join(parts[1:-1])
         genres = parts[-1].split("|")
-        yield number, item_id, movie_text(title, genres=genres, fallback=item_id)
+        yield number, item_id, movie_text(title, genres=genres, fallback=item_id), not title.strip()
 
 
-def _mlcsv_items(path: Path) -> Iterator[tuple[int, str, str]]:
+def _mlcsv_items(path: Path) -> Iterator[tuple[int, str, str, bool]]:
     """GroupLens movies.csv (ml-20m/25m/latest): movieId,title,genres with '|'-joined genres."""
     text = _read_text(path, encoding="utf-8", expected="the MovieLens items file (movies.csv)")
     for number, (movie, title, genres) in _csv_table(path, text, ["movieId", "title", "genres"]):
         item_id = _integer_id(path, number, movie, "movieId")
-        yield number, item_id, movie_text(title, genres=genres.split("|"), fallback=item_id)
+        item_text = movie_text(title, genres=genres.split("|"), fallback=item_id)
+        yield number, item_id, item_text, not title.strip()
 
 
-def _csv_items(path: Path) -> Iterator[tuple[int, str, str]]:
+def _csv_items(path: Path) -> Iterator[tuple[int, str, str, bool]]:
     """Generic items.csv: item_id,text (other columns ignored); an empty text becomes the id."""
     text = _read_text(path, encoding="utf-8", expected="an items CSV with columns item_id,text")
     for number, (item_id, item_text) in _csv_table(path, text, ["item_id", "text"]):
-        yield number, item_id, item_text or item_id
+        yield number, item_id, item_text or item_id, not item_text
 
 
 # --- interactions --------------------------------------------------------------------------
@@ -811,9 +852,16 @@ def _collect(
             raise _error(path, number, f"timestamp {ts!r} is not a number") from None
         if not math.isfinite(stamp):
             raise _error(path, number, f"timestamp {ts!r} is not a finite number")
+        if stamp < 0:
+            raise _error(path, number, f"timestamp {ts!r} is negative; expected Unix seconds")
         users.append(user_index.setdefault(user_id, len(user_index)))
         items.append(item)
         stamps.append(stamp)
+    if not users:
+        raise DataError(
+            f"{path}: holds no interactions; expected one row per interaction (user, item, "
+            "timestamp)."
+        )
     return Interactions(
         user=np.array(users, dtype=np.int64),
         item=np.array(items, dtype=np.int64),

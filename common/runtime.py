@@ -710,8 +710,14 @@ def follow_and_log(
     timeout_s: float | None,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Follow a run to its end with its log streamed into log_path; its final status row."""
+    """Follow a run to its end with its log streamed into log_path; its final status row.
+
+    A resumed run (config resume = true) keeps the earlier runs' log above a marker line.
+    """
+    earlier = earlier_log(log_path, run_id=run_id, resume=bool(config.get("resume")))
     with open(log_path, "wb") as log:
+        log.write(earlier)
+        log.flush()
         streamer = cli.stream_log(run_id, log)
         try:
             info = follow_run(
@@ -731,9 +737,23 @@ def follow_and_log(
         finally:
             end_process(streamer, grace_s=0.0)
     # The live stream may have ended early (a dropped connection): fetch the whole log again
-    save_run_log(cli, run_id, log_path)
+    save_run_log(cli, run_id, log_path, earlier=earlier)
     strip_colours(log_path)
     return info
+
+
+def earlier_log(log_path: Path, *, run_id: str, resume: bool) -> bytes:
+    """What a run's log starts with: nothing, or when it resumes an earlier run, that run's
+    log and a marker line."""
+    if not resume or not log_path.exists():
+        return b""
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
+    marker = (
+        f"\n===== fedrec: resumed as Flower run {run_id} at {now}. Flower's [ROUND k/N] lines "
+        "count this run's rounds; fedrec's 'Round N' lines and metrics.jsonl the whole run's. "
+        "=====\n"
+    )
+    return log_path.read_bytes() + marker.encode()
 
 
 def end_process(process: subprocess.Popen, grace_s: float) -> None:
@@ -749,9 +769,12 @@ def end_process(process: subprocess.Popen, grace_s: float) -> None:
             process.wait()
 
 
-def save_run_log(cli: FlowerCli, run_id: str, path: Path) -> None:
-    """The whole log of a finished run into path (`flwr log --stream` returns at the end)."""
+def save_run_log(cli: FlowerCli, run_id: str, path: Path, *, earlier: bytes = b"") -> None:
+    """The whole log of a finished run into path (`flwr log --stream` returns at the end),
+    after `earlier` (the log of the runs a resumed run continues)."""
     with open(path, "wb") as log:
+        log.write(earlier)
+        log.flush()
         process = cli.stream_log(run_id, log)
         end_process(process, grace_s=120.0)
 

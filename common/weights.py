@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
+from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 from torch import nn
@@ -134,17 +135,54 @@ def save_model_dir(
     return path
 
 
+class ModelDirError(ValueError):
+    """A model directory's file is missing or damaged; the message names the file."""
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """A model directory's fedrec.json: a JSON object whose "config" this version can read."""
+    meta_file = Path(path) / METADATA
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelDirError(
+            f"{meta_file}: missing; {path} is not a (complete) fedrec model directory."
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelDirError(f"{meta_file}: damaged, not readable JSON ({exc}).") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ModelDirError(f'{meta_file}: damaged, it holds no "config" table.')
+    try:
+        Config.from_mapping(meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise ModelDirError(f"{meta_file}: its config cannot be used ({exc})") from None
+    items = meta.get("catalog_items", 1)
+    if isinstance(items, bool) or not isinstance(items, int) or items < 1:
+        raise ModelDirError(f"{meta_file}: damaged, catalog_items is {items!r}.")
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_numpy(str(path))
+    except FileNotFoundError:
+        raise ModelDirError(f"{path}: missing from the model directory.") from None
+    # truncated, not safetensors at all, or a dtype numpy has no type for
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError) as exc:
+        raise ModelDirError(f"{path}: damaged, not a readable safetensors file ({exc}).") from None
+
+
 def load_model_dir(path: Path) -> tuple[OrderedDict[str, np.ndarray], dict[str, Any]]:
-    """Read a model directory: (trainable state by model parameter name, metadata)."""
+    """Read a model directory: (trainable state by model parameter name, metadata).
+
+    A missing or damaged file raises ModelDirError naming it.
+    """
     path = Path(path)
-    meta_file = path / METADATA
-    if not meta_file.exists():
-        raise FileNotFoundError(f"{path} is not a fedrec model directory: {METADATA} is missing.")
-    meta = json.loads(meta_file.read_text())
-    state: OrderedDict[str, np.ndarray] = OrderedDict(load_numpy(str(path / TRAINABLE_WEIGHTS)))
+    meta = read_metadata(path)
+    state: OrderedDict[str, np.ndarray] = OrderedDict(_read_tensors(path / TRAINABLE_WEIGHTS))
     adapter = path / ADAPTER_WEIGHTS
     if adapter.exists():
-        for name, value in load_numpy(str(adapter)).items():
+        for name, value in _read_tensors(adapter).items():
             inner = name.removeprefix("base_model.model.")
             for part in (".lora_A.", ".lora_B."):
                 inner = inner.replace(part, f"{part}default.")

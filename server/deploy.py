@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -53,6 +54,7 @@ from common.runtime import (
     uninterrupted,
     write_flwr_config,
 )
+from server.gate import GateTls, start_gate
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedrec"
@@ -126,6 +128,7 @@ def init_home(home: ServerHome, *, hosts: Sequence[str], force: bool = False) ->
             "(every device then needs the new ca.crt)."
         )
     home.certs.mkdir(parents=True, exist_ok=True)
+    home.root.chmod(0o700)  # private keys, the node registry and the SuperLink's database
     home.devices.mkdir(parents=True, exist_ok=True)
     credentials.create_ca(home.certs)
     credentials.create_server_certificate(home.certs, hosts=hosts)
@@ -226,13 +229,19 @@ def run(
     output: Path,
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
+    operator_port: int | None = None,
     insecure: bool = False,
     overwrite: bool = False,
     poll_s: float = 5.0,
     timeout_s: float | None = None,
     say=print,
 ) -> str:
-    """Start the SuperLink, submit the run, follow it; its final status."""
+    """Start the SuperLink and its Fleet gate, submit the run, follow it; its final status.
+
+    Devices reach host:port, where the gate (server/gate.py) forwards the Fleet API and nothing
+    else; the SuperLink itself, with its Control and Runtime APIs, listens on loopback only, at
+    operator_port (default port + 1), for this process, the `flwr` CLI and the ServerApp.
+    """
     # 1. Configuration and output directory, checked before anything starts
     output = output.expanduser().resolve()
     run_config = {**run_config, "output-dir": str(output)}
@@ -241,15 +250,19 @@ def run(
     resume = bool(run_config.get("resume"))
     prepare_output_dir(output, resume=resume, overwrite=overwrite, artifacts=RUN_ARTIFACTS)
     home.root.mkdir(parents=True, exist_ok=True)
+    home.root.chmod(0o700)  # private keys, the node registry and the SuperLink's database
     if (live := home.live_superlink()) is not None:
         raise ConfigError(f"A SuperLink of {home.root} already runs (pid {live['pid']}).")
 
     # 2. The SuperLink: TLS and SuperNode authentication unless --insecure
     tls = None if insecure else home.tls()
     env = flower_env(home.flwr_home)
+    operator_port = port + 1 if operator_port is None else operator_port
+    if operator_port == port:
+        raise ConfigError(f"The operator port must differ from the devices' port {port}.")
     superlink = SuperLink(
-        port=port,
-        host=host,
+        port=operator_port,
+        host="127.0.0.1",
         env=env,
         log_path=home.root / "superlink.log",
         tls=tls,
@@ -264,11 +277,18 @@ def run(
     )
     cli = FlowerCli(env=env, cwd=home.root, connection=CONNECTION)
     status = "not started"
+    gate = None
     try:
         superlink.start()
+        _private(home.database)
         home.live.write_text(json.dumps({"pid": superlink.pid, "address": superlink.address}))
+        gate_tls = None if tls is None else GateTls(cert=tls.cert, key=tls.key, ca_cert=tls.ca_cert)
+        gate = start_gate(host=host, port=port, upstream_port=operator_port, tls=gate_tls)
         mode = "insecure (no TLS, no device authentication)" if insecure else "TLS, device auth"
-        say(f"SuperLink on {host}:{port} ({mode}), pid {superlink.pid}; state {home.database}")
+        say(
+            f"Fleet API for devices on {host}:{port} ({mode}); SuperLink (pid {superlink.pid}) "
+            f"for the operator on {superlink.address} only; state {home.database}"
+        )
         if not insecure:
             sync_devices(home, cli, say=say)
             active = [n for n, e in home.registry().items() if e["status"] == "active"]
@@ -300,9 +320,18 @@ def run(
             say(f"--- last lines of {log_path} ---\n{tail(log_path)}\n---")
     finally:
         with uninterrupted():
+            if gate is not None:
+                gate.stop()
             superlink.stop()
             home.live.unlink(missing_ok=True)
     return status
+
+
+def _private(path: Path) -> None:
+    """Owner-only permissions on a file the SuperLink made (its node keys and runs)."""
+    for candidate in (path, *path.parent.glob(path.name + "-*")):  # SQLite's -wal, -shm
+        with contextlib.suppress(FileNotFoundError):
+            candidate.chmod(0o600)
 
 
 def _summary(output: Path, run_id: str, status: str, info: Mapping[str, Any]) -> str:
@@ -392,9 +421,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="where models and metrics go (default: HOME/run)",
     )
     go.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
+        "--host",
+        default="127.0.0.1",
+        help="address devices reach (0.0.0.0: every interface); only the Fleet API is served there",
     )
-    go.add_argument("--port", type=int, default=DEFAULT_PORT, help="SuperLink port (8000)")
+    go.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="devices' port, the Fleet gate (8000)"
+    )
+    go.add_argument(
+        "--operator-port",
+        type=int,
+        metavar="PORT",
+        help="the SuperLink's own port, on 127.0.0.1 only: Control and Runtime APIs for the "
+        "operator's `flwr` CLI and the ServerApp (default: --port + 1)",
+    )
     go.add_argument(
         "--insecure",
         action="store_true",
@@ -413,6 +453,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """The `fedrec-server` command."""
     args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     home = ServerHome(args.home)
     try:
         if args.command == "init":
@@ -433,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 output=args.output or home.root / "run",
                 host=args.host,
                 port=args.port,
+                operator_port=args.operator_port,
                 insecure=args.insecure,
                 overwrite=args.overwrite,
                 poll_s=args.poll_s,

@@ -33,7 +33,14 @@ from common.weights import (
     trainable_state,
 )
 from server.runlog import RunLog
-from server.strategy import CLIENT_TIMES, CentralDP, destinations, make_strategy, reply_node
+from server.strategy import (
+    CLIENT_TIMES,
+    REJECTIONS,
+    CentralDP,
+    destinations,
+    make_strategy,
+    reply_node,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +114,13 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         wire_dtype=cfg.wire_dtype,
         client_weighting=cfg.client_weighting,
         max_client_weight=cfg.max_client_weight,
+        update_norm_limit=cfg.update_norm_limit,
+        update_norm_action=cfg.update_norm_action,
+        trimmed_beta=cfg.trimmed_beta,
+        num_malicious_nodes=cfg.num_malicious_nodes,
         central_dp=central_dp,
     )
+    strategy.round_offset = done
 
     # 5. After each round: central evaluation (simulation), checkpoint, metrics row
     valid_cases, test_cases = eval_cases(list(splits), "valid"), eval_cases(list(splits), "test")
@@ -259,6 +271,8 @@ def _stats_row(stats) -> dict[str, object]:
         "clients_train": stats.clients_train,
         "clients_declined": stats.clients_declined,
         "clients_rejected": stats.clients_rejected,
+        **{f"rejected_{kind}": stats.rejected.get(kind, 0) for kind in REJECTIONS},
+        "clients_clipped": stats.clients_clipped,
         "clients_failed": stats.clients_failed,
         "train_loss": stats.train_loss,
         "bytes_down": stats.bytes_down,

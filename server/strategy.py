@@ -13,7 +13,17 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+)
 from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
 
 from common.privacy import secure_numpy_rng
@@ -24,6 +34,7 @@ log = logging.getLogger(__name__)
 # Keys of the client's reply MetricRecord (see client/client_app.py).
 NUM_EXAMPLES = "num-examples"
 DECLINED = "declined"
+TRAIN_LOSS = "train-loss"  # absent under DP (NaN here then: the round reports no loss)
 # Where a client's update time went (deployment: a fresh process per message)
 CLIENT_TIMES = ("startup-s", "cache-load-s", "model-load-s", "train-s", "reply-s")
 
@@ -37,6 +48,8 @@ class RoundStats:
     clients_train: int = 0
     clients_declined: int = 0
     clients_rejected: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # why -> count (REJECTIONS)
+    clients_clipped: int = 0  # updates scaled down to the round's norm limit
     clients_failed: int = 0
     train_loss: float | None = None
     noise_std: float | None = None  # DP-FedAvg: of the Gaussian noise on the mean update
@@ -47,6 +60,19 @@ class RoundStats:
     bytes_down: int = 0
     bytes_up: int = 0
     evaluate: dict[str, float] = field(default_factory=dict)
+
+
+# Why a reply was rejected: the kinds counted in a round's row (rejected_<kind>)
+MALFORMED = "malformed"  # names, shapes, dtypes or counts not what was sent
+NON_FINITE = "non_finite"  # NaN or infinite values
+OVER_NORM = "over_norm"  # norm over update-norm-limit x the round's median (action reject)
+REJECTIONS = (MALFORMED, NON_FINITE, OVER_NORM)
+NORM_ACTIONS = ("clip", "reject")
+
+
+def update_norm(update: dict[str, np.ndarray]) -> float:
+    """L2 norm over all tensors, in float64 (float32 squares of 1e20 overflow)."""
+    return float(np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for v in update.values())))
 
 
 def destinations(messages: Iterable[Message]) -> dict[str, int]:
@@ -89,8 +115,13 @@ class ValidatedReplies:
     that declines (privacy budget spent) is counted and skipped. The round goes on with the
     remaining replies. A client's weight is its example count capped at `max_client_weight`,
     or 1 for every client (`client_weighting="uniform"`): the server bounds what any client's
-    claim can buy. Also records each round's traffic and privacy figures in `stats`, and
-    evaluates every `evaluate_every` rounds.
+    claim can buy. An update whose L2 norm is over `update_norm_limit` times the median norm of
+    the round's accepted updates is scaled down to that bound (`update_norm_action="clip"`) or
+    rejected ("reject"), so no client moves the model much further than its peers; with fewer
+    than three updates there is no meaningful median and the bound is not applied. An
+    aggregate that is not finite is discarded (the global model stays). Also records each
+    round's traffic, rejections by kind and privacy figures in `stats`, and evaluates every
+    `evaluate_every` rounds.
 
     With `central_dp`, the strategy is DP-FedAvg underneath the server optimizer: nodes are
     Poisson-sampled (build it with fraction_train = 1, it keeps each node with probability
@@ -109,10 +140,17 @@ class ValidatedReplies:
         wire_dtype: str = "float32",
         client_weighting: str = "examples",
         max_client_weight: float = float("inf"),
+        update_norm_limit: float = 0.0,
+        update_norm_action: str = "clip",
         central_dp: CentralDP | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if update_norm_action not in NORM_ACTIONS:
+            raise ValueError(f"update_norm_action must be one of {NORM_ACTIONS}.")
+        self.round_offset = 0  # rounds done before this run (resume): log lines say the run's round
+        self.update_norm_limit = update_norm_limit
+        self.update_norm_action = update_norm_action
         self.central_dp = central_dp
         self._rng = secure_numpy_rng()
         self.evaluate_every = evaluate_every
@@ -163,32 +201,36 @@ class ValidatedReplies:
         stats.bytes_down += sum(array_bytes(m.content["arrays"]) for m in messages)
         return messages
 
-    def _problem(self, msg: Message) -> str | None:
-        """Why a reply cannot be averaged, or None."""
+    def _problem(self, msg: Message) -> tuple[str, str] | None:
+        """Why a reply cannot be averaged, as (kind, explanation), or None."""
         content = msg.content
         if len(content.metric_records) != 1:
-            return "expected exactly one MetricRecord"
+            return MALFORMED, "expected exactly one MetricRecord"
         metrics = next(iter(content.metric_records.values()))
         weight = metrics.get(NUM_EXAMPLES)
         if not isinstance(weight, int | float) or weight <= 0 or not np.isfinite(weight):
-            return f"'{NUM_EXAMPLES}' must be a positive number, got {weight!r}"
+            return MALFORMED, f"'{NUM_EXAMPLES}' must be a positive number, got {weight!r}"
         if len(content.array_records) != 1:
-            return "expected exactly one ArrayRecord"
+            return MALFORMED, "expected exactly one ArrayRecord"
         arrays = next(iter(content.array_records.values()))
         if set(arrays.keys()) != set(self._expected):
             missing = sorted(set(self._expected) - set(arrays.keys()))[:3]
             extra = sorted(set(arrays.keys()) - set(self._expected))[:3]
-            return f"tensor names differ from the global model (missing {missing}, extra {extra})"
+            why = f"tensor names differ from the global model (missing {missing}, extra {extra})"
+            return MALFORMED, why
         for key, array in arrays.items():
             shape, dtype = self._expected[key]
-            if tuple(array.shape) != shape or array.dtype != dtype:
-                return (
-                    f"tensor {key!r} is {array.dtype}{list(array.shape)}, "
-                    f"expected {dtype}{list(shape)}"
-                )
-        for key, value in decode_update(arrays, self._shapes()).items():
-            if not np.all(np.isfinite(value)):
-                return f"tensor {key!r} holds NaN or infinite values"
+            try:  # the bytes themselves, not the header the sender wrote beside them
+                value = array.numpy()
+            except Exception as exc:  # whatever numpy makes of forged bytes
+                return MALFORMED, f"tensor {key!r} does not decode: {type(exc).__name__}"
+            if tuple(value.shape) != shape or value.dtype != dtype:
+                why = f"tensor {key!r} is {value.dtype}{list(value.shape)}, expected "
+                return MALFORMED, why + f"{dtype}{list(shape)}"
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is what we look for
+            for key, value in decode_update(arrays, self._shapes()).items():
+                if not np.all(np.isfinite(value)):
+                    return NON_FINITE, f"tensor {key!r} holds NaN or infinite values"
         return None
 
     def aggregate_train(
@@ -211,53 +253,112 @@ class ValidatedReplies:
                 stats.clients_declined += 1
                 log.info(
                     "Round %d: node %d declined to train (%s)",
-                    server_round,
+                    self._round(server_round),
                     node,
                     "privacy budget spent",
                 )
                 continue
             problem = self._problem(msg)
             if problem:
-                stats.clients_rejected += 1
-                log.warning(
-                    "Round %d: rejected the update of node %d: %s", server_round, node, problem
-                )
+                self._reject(stats, server_round, node, *problem)
                 continue
             stats.bytes_up += array_bytes(next(iter(msg.content.array_records.values())))
-            # DP-FedAvg weighs every client the same and works on the updates themselves
-            accepted.append(msg if self.central_dp is not None else self._as_weights(msg))
+            accepted.append(msg)
             stats.update_seconds.extend(_floats(metrics, "update-s"))
             for key in CLIENT_TIMES:
                 stats.client_seconds.setdefault(key, []).extend(_floats(metrics, key))
             stats.client_peak_rss_mb = max(
                 [stats.client_peak_rss_mb, *_floats(metrics, "peak-rss-mb")]
             )
-        stats.clients_train = len(accepted)
+        if self.central_dp is not None:  # every update clipped and weighted the same
+            stats.clients_train = len(accepted)
+            accepted = [self._noised_mean(accepted, stats)] if accepted else []
+        else:
+            accepted = self._bounded(accepted, stats, server_round, sent)
+            stats.clients_train = len(accepted)
         if not accepted:
-            log.warning("Round %d: no usable update; the global model is unchanged.", server_round)
+            log.warning(
+                "Round %d: no usable update; the global model is unchanged.",
+                self._round(server_round),
+            )
             return None, None
-        if self.central_dp is not None:
-            accepted = [self._noised_mean(accepted, stats)]
         arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None:
             arrays = self._as_expected(arrays)
-        if metrics is not None and "train-loss" in metrics:
-            stats.train_loss = float(metrics["train-loss"])
+            if not all(np.all(np.isfinite(a.numpy())) for a in arrays.values()):
+                log.warning(
+                    "Round %d: the aggregate is not finite; the global model is unchanged.",
+                    self._round(server_round),
+                )
+                return None, None
+        if metrics is not None and TRAIN_LOSS in metrics and np.isfinite(metrics[TRAIN_LOSS]):
+            stats.train_loss = float(metrics[TRAIN_LOSS])
         return arrays, metrics
 
-    def _as_weights(self, msg: Message) -> Message:
-        """The reply with its update decoded to float32 weights and its weight bounded."""
-        key = next(iter(msg.content.array_records))
-        update = decode_update(msg.content[key], self._shapes())
-        msg.content[key] = ArrayRecord(
-            OrderedDict((k, torch.from_numpy(self._global[k] + v)) for k, v in update.items())
+    def _bounded(
+        self, accepted: list[Message], stats: RoundStats, server_round: int, sent: dict[str, int]
+    ) -> list[Message]:
+        """The replies as weights for the strategy underneath, each update's norm bounded
+        relative to the round's median and each client's weight capped."""
+        updates = [
+            decode_update(next(iter(m.content.array_records.values())), self._shapes())
+            for m in accepted
+        ]
+        norms = [update_norm(u) for u in updates]
+        bound = float("inf")
+        if self.update_norm_limit > 0 and len(norms) >= 3:
+            bound = self.update_norm_limit * float(np.median(norms))
+        kept = []
+        for msg, update, norm in zip(accepted, updates, norms, strict=True):
+            if norm > bound:
+                node = reply_node(msg, sent)
+                if self.update_norm_action == "reject":
+                    why = f"update norm {norm:.3g} over {bound:.3g} ({self.update_norm_limit:g} x"
+                    self._reject(stats, server_round, node, OVER_NORM, why + " the median)")
+                    continue
+                stats.clients_clipped += 1
+                log.info(
+                    "Round %d: scaled the update of node %d from norm %.3g to %.3g",
+                    self._round(server_round),
+                    node,
+                    norm,
+                    bound,
+                )
+                update = {k: v * np.float32(bound / norm) for k, v in update.items()}
+            kept.append(self._as_weights(msg, update))
+        return kept
+
+    def _reject(self, stats: RoundStats, server_round: int, node: int, kind: str, why: str):
+        stats.clients_rejected += 1
+        stats.rejected[kind] = stats.rejected.get(kind, 0) + 1
+        log.warning(
+            "Round %d: rejected the update of node %d: %s", self._round(server_round), node, why
         )
+
+    def _as_weights(self, msg: Message, update: dict[str, np.ndarray]) -> Message:
+        """The reply as the strategy underneath reads it: global weights + update in float32
+        under "arrays", and "metrics" holding the bounded weight and the training loss (the
+        same keys for every reply, whatever names and extra values the client sent)."""
         metrics = next(iter(msg.content.metric_records.values()))
         claimed = float(metrics[NUM_EXAMPLES])
         bounded = (
             1.0 if self.client_weighting == "uniform" else min(claimed, self.max_client_weight)
         )
-        metrics[NUM_EXAMPLES] = bounded
+        loss = metrics.get(TRAIN_LOSS)
+        weights = OrderedDict((k, torch.from_numpy(self._global[k] + v)) for k, v in update.items())
+        msg.content = RecordDict(
+            {
+                "arrays": ArrayRecord(weights),
+                "metrics": MetricRecord(
+                    {
+                        NUM_EXAMPLES: bounded,
+                        TRAIN_LOSS: float(loss)
+                        if isinstance(loss, int | float) and np.isfinite(loss)
+                        else float("nan"),
+                    }
+                ),
+            }
+        )
         return msg
 
     def _noised_mean(self, accepted: list[Message], stats: RoundStats) -> Message:
@@ -291,6 +392,10 @@ class ValidatedReplies:
         )
         return release
 
+    def _round(self, server_round: int) -> int:
+        """The run's round number of Flower's `server_round` (the same as metrics.jsonl's)."""
+        return self.round_offset + server_round
+
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: v.shape for k, v in self._global.items()}
 
@@ -298,7 +403,10 @@ class ValidatedReplies:
         stats.clients_failed += 1
         stats.failed_nodes.append(node)
         log.warning(
-            "Round %d: lost node %d (%s); the round goes on without it.", server_round, node, why
+            "Round %d: lost node %d (%s); the round goes on without it.",
+            self._round(server_round),
+            node,
+            why,
         )
 
     def _as_expected(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -330,7 +438,7 @@ class ValidatedReplies:
             if msg.has_error():
                 log.warning(
                     "Round %d: evaluation failed on node %d: %s",
-                    server_round,
+                    self._round(server_round),
                     msg.metadata.src_node_id,
                     msg.error.reason,
                 )
@@ -368,13 +476,34 @@ class FedRecAdagrad(ValidatedReplies, FedAdagrad):
     """FedAdagrad (Reddi et al. 2021)."""
 
 
+class FedRecMedian(ValidatedReplies, FedMedian):
+    """Coordinate-wise median of the clients' weights (Yin et al. 2018): robust."""
+
+
+class FedRecTrimmedAvg(ValidatedReplies, FedTrimmedAvg):
+    """Coordinate-wise mean without the `beta` largest and smallest shares: robust."""
+
+
+class FedRecKrum(ValidatedReplies, Krum):
+    """Krum (Blanchard et al. 2017): the update closest to its peers: robust."""
+
+
+class FedRecBulyan(ValidatedReplies, Bulyan):
+    """Bulyan (El Mhamdi et al. 2018): Krum selection, then a trimmed mean: robust."""
+
+
 STRATEGIES = {
     "fedavg": FedRecAvg,
     "fedavgm": FedRecAvgM,
     "fedadam": FedRecAdam,
     "fedyogi": FedRecYogi,
     "fedadagrad": FedRecAdagrad,
+    "fedmedian": FedRecMedian,
+    "fedtrimmedavg": FedRecTrimmedAvg,
+    "krum": FedRecKrum,
+    "bulyan": FedRecBulyan,
 }
+ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "bulyan")
 
 
 def make_strategy(
@@ -383,14 +512,20 @@ def make_strategy(
     server_learning_rate: float,
     server_momentum: float = 0.9,
     server_tau: float = 1e-3,
+    trimmed_beta: float = 0.2,
+    num_malicious_nodes: int = 0,
     **kwargs,
 ) -> FedAvg:
-    """A strategy from the registry with its server optimizer's settings."""
+    """A strategy from the registry with its server optimizer's (or robust rule's) settings."""
     if name not in STRATEGIES:
         raise ValueError(f"Unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}.")
     if name == "fedavgm":
         kwargs.update(server_learning_rate=server_learning_rate, server_momentum=server_momentum)
-    elif name != "fedavg":
+    elif name == "fedtrimmedavg":
+        kwargs.update(beta=trimmed_beta)
+    elif name in ("krum", "bulyan"):
+        kwargs.update(num_malicious_nodes=num_malicious_nodes)
+    elif name not in ("fedavg", "fedmedian"):
         kwargs.update(eta=server_learning_rate, tau=server_tau)
     return STRATEGIES[name](**kwargs)
 

@@ -4,8 +4,9 @@ Runs variants of the federated benchmark scenario (simulations/configs/bench-fed
 same number of rounds with the ServerApp, strategies and ClientApp in this process
 (simulations/inprocess.py: Flower's runtime left out, the code the same), and records each
 variant's validation NDCG@10 curve. The variants are data: simulations/configs/ablation-fed.toml,
-one table per variant with the run-config keys it changes. Validation only: the test split is
-never read here. `--variants simulations/configs/ablation-dp.toml --scenario
+one table per variant with the run-config keys it changes. The tables compare validation only
+(the server's one test of its selected round is kept in the JSON, for fedrec-reliability).
+`--variants simulations/configs/ablation-dp.toml --scenario
 simulations/configs/bench-fed-dp-eps8.toml` compares the levers of private training the same
 way.
 
@@ -54,6 +55,7 @@ def run_variant(name: str, overrides: dict, *, rounds: int, scenario: Path, work
     rows = report.read_metrics(out / "metrics.jsonl")
     curve = [(r["round"], r["val_ndcg@10"]) for r in rows if r.get("val_ndcg@10") is not None]
     trained = [r for r in rows if r.get("round", 0) > 0]
+    counts = ("clients_train", "clients_clipped", "clients_rejected", "clients_failed")
     return {
         "name": name,
         "overrides": overrides,
@@ -63,6 +65,11 @@ def run_variant(name: str, overrides: dict, *, rounds: int, scenario: Path, work
         "curve": curve,
         "seconds": time.perf_counter() - start,
         "bytes_per_client": trained[-1].get("bytes_per_client"),
+        # the server's own test of the round it selected on validation (the ablation's tables
+        # show validation only; fedrec-reliability reports this)
+        "best_round": rows[-1].get("best_round"),
+        "test_ndcg@10": rows[-1].get("test_ndcg@10"),
+        **{key: sum(r.get(key) or 0 for r in trained) for key in counts},
     }
 
 

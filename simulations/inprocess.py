@@ -52,6 +52,7 @@ class InProcessGrid(Grid):
         self.replies: dict[str, Message] = {}
         self.client_seconds = 0.0  # time spent inside the ClientApp, all messages together
         self._run = None
+        self._timeout: float | None = None  # of the send_and_receive under way
 
     def set_run(self, run) -> None:
         self._run = run
@@ -75,9 +76,13 @@ class InProcessGrid(Grid):
                 reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # as Flower does: the node's failure becomes an error reply
                 reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            self.client_seconds += time.perf_counter() - start
-            self.replies[msg.metadata.message_id] = reply
+            elapsed = time.perf_counter() - start
+            self.client_seconds += elapsed
             ids.append(msg.metadata.message_id)
+            # nodes run one after the other here; each gets the round's timeout to itself, and
+            # a reply later than that never reaches the server (as with Flower's runtime)
+            if self._timeout is None or elapsed <= self._timeout:
+                self.replies[msg.metadata.message_id] = reply
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -86,7 +91,11 @@ class InProcessGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        return list(self.pull_messages(self.push_messages(messages)))
+        self._timeout = timeout
+        try:
+            return list(self.pull_messages(self.push_messages(messages)))
+        finally:
+            self._timeout = None
 
 
 def run_inprocess(cfg: Config, *, num_nodes: int | None = None) -> InProcessGrid:

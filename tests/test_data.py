@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import zipfile
@@ -407,6 +408,92 @@ def test_bad_arguments_fail_with_a_sentence(tmp_path: Path) -> None:
         load_dataset(dataset="path", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="Unknown data_format"):
         load_path(write_ml100k(tmp_path), data_format="parquet")
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("interactions.csv", "user_id,item_id,timestamp\n"),  # only its header
+        ("interactions.csv", "user_id,item_id,timestamp\n\n  \n"),  # and blank lines
+        ("x.inter", "user_id:token\titem_id:token\ttimestamp:float\n"),
+        ("u.data", ""),  # GroupLens files have no header: empty
+    ],
+)
+def test_an_interactions_file_without_rows_is_an_error_naming_it(
+    tmp_path: Path, name: str, text: str
+) -> None:
+    write(tmp_path / "items.csv", "item_id,text\n1,One\n")
+    write(tmp_path / "x.item", "item_id:token\tmovie_title:token_seq\n1\tOne\n")
+    write(tmp_path / "u.item", U_ITEM, encoding="latin-1")
+    path = write(tmp_path / name, text)
+    items = {"u.data": "u.item", "x.inter": "x.item"}.get(name, "items.csv")
+    catalog = load_catalog(tmp_path / items)
+    with pytest.raises(DataError, match="holds no interactions") as info:
+        load_interactions(path, catalog=catalog)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_a_catalog_without_items_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = write(tmp_path / "items.csv", "item_id,text\n")
+    with pytest.raises(DataError, match=r"items\.csv: holds no items"):
+        load_catalog(path)
+
+
+def test_an_empty_item_text_is_a_warning_naming_its_lines(tmp_path: Path, caplog) -> None:
+    path = write(tmp_path / "items.csv", "item_id,text\ni1,one\ni2,\ni3,  \ni4,four\n")
+    with caplog.at_level(logging.WARNING, logger="common.data"):
+        catalog = load_catalog(path)
+    assert catalog.texts == ("one", "i2", "i3", "four")  # the id stands in for the text
+    (record,) = caplog.records
+    assert f"{path}: 2 item(s) have an empty text or title (line(s) 3, 4)" in record.getMessage()
+    caplog.clear()
+    write(tmp_path / "ml" / "movies.dat", "1::Film (1990)::Drama\n2::::Drama\n")
+    with caplog.at_level(logging.WARNING, logger="common.data"):
+        assert load_catalog(tmp_path / "ml").texts[1] == "2. Genres: Drama"
+    assert "movies.dat: 1 item(s) have an empty text or title (line(s) 2)" in caplog.text
+
+
+def test_a_negative_timestamp_is_refused_with_its_line(tmp_path: Path) -> None:
+    write(tmp_path / "items.csv", "item_id,text\ni1,one\n")
+    write(tmp_path / "interactions.csv", "user_id,item_id,timestamp\nu,i1,0\nu,i1,-5\n")
+    with pytest.raises(DataError, match=r"interactions\.csv, line 3: timestamp '-5' is negative"):
+        load_path(tmp_path)
+
+
+def test_a_utf16_file_is_named_with_what_to_do(tmp_path: Path) -> None:
+    write(tmp_path / "items.csv", "item_id,text\ni1,one\n", encoding="utf-16")
+    with pytest.raises(DataError, match=r"items\.csv: the file is UTF-16 encoded; save it as"):
+        load_catalog(tmp_path / "items.csv")
+
+
+def test_users_too_short_to_evaluate_are_counted_in_a_warning(caplog) -> None:
+    rows = [("one", 1, 1.0), ("two", 1, 1.0), ("two", 2, 2.0), ("three", 1, 1.0)]
+    rows += [("three", 2, 2.0), ("three", 3, 3.0), ("lone", 4, 1.0)]
+    with caplog.at_level(logging.WARNING, logger="common.data"):
+        split_by_user(interactions(rows))
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        "2 of 4 user(s) have fewer than 2 interactions and are skipped from evaluation"
+    )
+    assert "1 more have 2 and are skipped from validation" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="common.data"):
+        split_by_user(interactions([("a", 1, 1.0), ("a", 2, 2.0), ("a", 3, 3.0)]))
+    assert not caplog.records  # everyone evaluable: nothing to say
+
+
+def test_join_refuses_an_interactions_file_without_rows(tmp_path: Path, capsys) -> None:
+    from client.device import main
+
+    catalog = write(tmp_path / "items.csv", "item_id,text\ni1,one\n")
+    data = write(tmp_path / "mine.csv", "user_id,item_id,timestamp\n")
+    args = ["join", "--superlink", "127.0.0.1:1", "--insecure", "--data", str(data)]
+    code = main([*args, "--catalog", str(catalog), "--state-dir", str(tmp_path / "state")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"fedrec-client: error: {data}: holds no interactions; " + (
+        "expected one row per interaction (user, item, timestamp).\n"
+    )
+    assert not (tmp_path / "state").exists()  # refused before anything was started
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ import pytest
 from client.client_app import LEDGER_FILE
 from client.device import EXIT_REFUSED
 from client.installed import installed_metadata, load_installed
+from common.runtime import FlowerCli, RunnerError, flower_env, write_flwr_config
 from common.weights import load_model_dir, trainable_state
+from server.deploy import PROJECT_DIR
 from simulations.loopback import LoopbackFederation
 from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
 
@@ -88,6 +90,32 @@ def test_two_devices_train_and_install_the_final_model(tmp_path: Path, world) ->
         assert stranger.process.wait(timeout=120) == EXIT_REFUSED, stranger.out.read_text()
         assert "refused" in stranger.out.read_text()
 
+        # Someone with nothing but ca.crt (every device owner) points `flwr` at the public
+        # address: listing nodes or runs, registering a key and submitting a ServerApp are all
+        # refused there; the operator's own connection (loopback) is what the server uses.
+        outsider = tmp_path / "outsider-flwr-home"
+        write_flwr_config(
+            outsider,
+            connection="probe",
+            address=f"127.0.0.1:{fed.port}",
+            root_certificates=fed.home / "certs" / "ca.crt",
+        )
+        probe = FlowerCli(env=flower_env(outsider), cwd=tmp_path, connection="probe")
+        attempts = {
+            "list nodes": probe.nodes,
+            "list runs": lambda: probe.status("1"),
+            "register a node": lambda: probe.register_node(
+                stranger.key.with_suffix(".pub"), name="x"
+            ),
+            "submit a run": lambda: probe.run(PROJECT_DIR, run_config=""),
+        }
+        for what, attempt in attempts.items():
+            with pytest.raises(RunnerError):
+                attempt()
+                pytest.fail(f"{what} through the public address was not refused")
+        live = json.loads((fed.home / "superlink.json").read_text())
+        assert live["address"] == f"127.0.0.1:{fed.port + 1}"
+
         code = fed.wait_server(timeout_s=900)
         server_out = (fed.root / "server.out").read_text()
         assert code == 0, server_out
@@ -118,6 +146,7 @@ def test_two_devices_train_and_install_the_final_model(tmp_path: Path, world) ->
         assert (state_dir / "cache").is_dir()  # frozen-backbone states of the catalog
     assert not (fed.devices["stranger"].state_dir / "models").exists()
     assert "stranger" not in fed.node_ids()
+    assert "Refused POST /v1/control/" in server_out  # the gate logs what it turned away
 
 
 def test_a_crashed_device_rejoins_with_its_privacy_ledger(tmp_path: Path, world) -> None:

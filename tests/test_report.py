@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -333,6 +334,27 @@ def test_output_dir_inside_the_project_must_be_ignored(tmp_path: Path) -> None:
     runtime.check_output_dir(tmp_path.parent / "elsewhere", tmp_path)
     with pytest.raises(run.ScenarioError, match="app bundle"):
         runtime.check_output_dir(tmp_path / "results", tmp_path)
+
+
+def test_a_resumed_run_appends_its_log_after_a_marker(tmp_path: Path) -> None:
+    """run.log of a killed run survives its resume: the new run's log (which `flwr log`
+    rewrites whole at the end) goes below the old one and a marker line."""
+    log_path = tmp_path / "run.log"
+    log_path.write_bytes(b"INFO [ROUND 7/10]\nkilled here\n")
+
+    class Cli:  # `flwr log --stream` of the new run: writes its lines and ends
+        def stream_log(self, run_id, fh):
+            fh.write(f"INFO [ROUND 1/3] of run {run_id}\n".encode())
+            fh.flush()
+            return subprocess.Popen(["true"])
+
+    assert runtime.earlier_log(log_path, run_id="2", resume=False) == b""
+    earlier = runtime.earlier_log(log_path, run_id="2", resume=True)
+    runtime.save_run_log(Cli(), "2", log_path, earlier=earlier)
+    lines = log_path.read_text().splitlines()
+    assert lines[:2] == ["INFO [ROUND 7/10]", "killed here"]
+    assert lines[3].startswith("===== fedrec: resumed as Flower run 2 at ")
+    assert lines[4] == "INFO [ROUND 1/3] of run 2"
 
 
 def test_an_old_run_is_not_mixed_into_a_new_one(tmp_path: Path) -> None:

@@ -286,3 +286,107 @@ def test_poisson_sampling_keeps_each_node_with_the_sampling_rate():
     kept = [len(s.poisson_sample(list(range(1000)))) for _ in range(20)]
     assert len(set(kept)) > 1  # a random cohort size, not a fixed one
     assert abs(np.mean(kept) - 500) < 25
+
+
+# --- bounded influence: the probe's attacks, one test each ------------------------------
+
+
+def honest_and(attack: np.ndarray, **options):
+    """Four honest clients (update 0.01 each, 10 examples) and one attacker sending `attack`
+    with a claimed count of 10**12: the aggregate and the round's stats."""
+    s = FedRecAvg(min_available_nodes=1, min_train_nodes=1, max_client_weight=20.0, **options)
+    configure(s, arrays(w=np.zeros(4, np.float32)))
+    replies = [update(n, 10, w=np.full(4, 0.01, np.float32)) for n in (1, 2, 3, 4)]
+    replies.append(update(5, 10**12, w=attack.astype(np.float32)))
+    agg, _ = s.aggregate_train(1, replies)
+    return (None if agg is None else agg["w"].numpy()), s.stats[1]
+
+
+def test_an_update_a_million_times_the_others_is_clipped_to_the_limit():
+    agg, stats = honest_and(np.full(4, 1e4), update_norm_limit=5.0)
+    # the attacker's update is scaled to 5 x the median norm (0.02): 0.05 per coordinate,
+    # and its weight capped at 20 of 60
+    np.testing.assert_allclose(agg, (4 * 10 * 0.01 + 20 * 0.05) / 60, rtol=1e-5)
+    assert (stats.clients_clipped, stats.clients_rejected, stats.clients_train) == (1, 0, 5)
+    # without the bound the attacker owns the model (the probe's 3333 instead of 0.01)
+    unbounded, _ = honest_and(np.full(4, 1e4), update_norm_limit=0.0)
+    assert unbounded[0] > 3000
+
+
+def test_an_update_over_the_limit_is_rejected_when_asked_and_counted_by_kind(caplog):
+    with caplog.at_level(logging.WARNING):
+        agg, stats = honest_and(np.full(4, 1e4), update_norm_limit=5.0, update_norm_action="reject")
+    np.testing.assert_allclose(agg, 0.01, rtol=1e-5)
+    assert stats.rejected == {"over_norm": 1} and stats.clients_train == 4
+    assert "rejected the update of node 5: update norm 2e+04 over 0.1" in caplog.text
+
+
+def test_values_near_float32_max_cannot_overflow_the_aggregate():
+    huge = np.full(4, 3e38)
+    agg, stats = honest_and(huge, update_norm_limit=5.0)  # finite in float32, norm in float64
+    assert np.all(np.isfinite(agg)) and np.all(agg < 0.1) and stats.clients_clipped == 1
+    # with the bound off, global weights + a finite update can still overflow float32: the
+    # aggregate is discarded and the model stays
+    s = FedRecAvg(min_available_nodes=1, min_train_nodes=1, update_norm_limit=0.0)
+    configure(s, arrays(w=np.full(4, 1e38, np.float32)))
+    replies = [update(n, 1, w=huge.astype(np.float32)) for n in (1, 2)]
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert s.aggregate_train(1, replies) == (None, None)
+
+
+def test_a_rejection_is_counted_by_kind():
+    s = FedRecAvg(min_available_nodes=1, min_train_nodes=1)
+    configure(s, arrays(w=np.zeros(2, np.float32)))
+    replies = [
+        update(1, 1, w=np.ones(2, np.float32)),
+        update(2, 1, w=np.ones(3, np.float32)),
+        update(3, 1, w=np.array([np.inf, 0], np.float32)),
+    ]
+    s.aggregate_train(1, replies)
+    assert s.stats[1].rejected == {"malformed": 1, "non_finite": 1}
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("fedmedian", {}),
+        ("fedtrimmedavg", {"trimmed_beta": 0.2}),
+        ("krum", {"num_malicious_nodes": 1}),
+        ("bulyan", {"num_malicious_nodes": 1}),
+    ],
+)
+def test_robust_strategies_from_flower_ignore_a_sign_flipped_outlier(name, options):
+    """Seven clients, one sending a huge sign-flipped update that the norm bound alone would
+    only clip: Flower's robust rules leave it out (Bulyan needs n >= 4f + 3 = 7)."""
+    s = make_strategy(
+        name,
+        server_learning_rate=1.0,
+        min_available_nodes=1,
+        min_train_nodes=1,
+        update_norm_limit=0.0,
+        **options,
+    )
+    s._construct_messages = lambda record, node_ids, message_type: sent(node_ids, record)
+
+    class Seven:
+        def get_node_ids(self):
+            return list(range(1, 8))
+
+    s.configure_train(1, arrays(w=np.zeros(3, np.float32)), ConfigRecord(), Seven())
+    rng = np.random.default_rng(0)
+    honest = (0.01 + 1e-3 * rng.standard_normal((6, 3))).astype(np.float32)
+    replies = [update(n, 10, w=honest[n - 1]) for n in range(1, 7)]
+    replies.append(update(7, 10, w=np.full(3, -100.0, np.float32)))
+    agg, _ = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(agg["w"].numpy(), 0.01, atol=3e-3)
+
+
+def test_log_lines_after_a_resume_give_the_runs_round(caplog):
+    """Flower counts a resumed run's rounds from 1; fedrec's lines count the whole run's, as
+    metrics.jsonl does."""
+    s = FedRecAvg(min_available_nodes=1, min_train_nodes=1)
+    s.round_offset = 50
+    configure(s, arrays(w=np.zeros(2, np.float32)))
+    with caplog.at_level(logging.WARNING):
+        s.aggregate_train(1, [update(1, 1, w=np.ones(3, np.float32))])
+    assert "Round 51: rejected the update of node 1" in caplog.text
