@@ -32,6 +32,7 @@ from common.weights import (
     to_arrays,
     trainable_state,
 )
+from server.grid import LivenessGrid
 from server.runlog import RunLog
 from server.strategy import (
     CLIENT_TIMES,
@@ -51,7 +52,8 @@ def create_app(base: Config | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, (base or Config()).merged(context.run_config), run_id=context.run_id)
+        cfg = (base or Config()).merged(context.run_config)
+        run_federation(LivenessGrid(grid), cfg, run_id=context.run_id)
 
     return app
 

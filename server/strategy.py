@@ -242,7 +242,7 @@ class ValidatedReplies:
         sent = destinations(self._sent)
         answered = {reply_node(msg, sent) for msg in replies}
         for node in sorted(set(sent.values()) - answered):  # no reply within the timeout
-            self._lost(stats, server_round, node, "no reply before the round's timeout")
+            self._lost(stats, server_round, node, "no reply: the round timed out, or the node left")
         for msg in replies:
             node = reply_node(msg, sent)
             if msg.has_error():

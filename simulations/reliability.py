@@ -38,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from simulations import report
-from simulations.report import CONFIGS, RESULTS, ROOT
+from simulations.report import CONFIGS, README, RESULTS, ROOT
 
 RESULT = "reliability.json"
 POISONING = CONFIGS / "reliability-poisoning.toml"
 ATTACKS = {"scale": "x1000", "flip": "sign-flipped x10"}
+MARKERS = {"begin": "<!-- results:reliability -->", "end": "<!-- /results:reliability -->"}
 SECTIONS = ("poisoning", "faults", "control_api", "service", "resume")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -449,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                 (work / section).mkdir()
                 result[section] = globals()[section](work=work / section)
             result["measured"] = time.strftime("%Y-%m-%d")
-            report.write_results(path, result, markdown(result))
+            readme = README if args.results == RESULTS else None
+            report.write_results(path, result, markdown(result), readme=readme, **MARKERS)
             print(json.dumps(result[section], indent=1)[:2000], flush=True)
     return 0
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -221,3 +224,38 @@ def test_a_revoked_device_is_refused(tmp_path: Path, world) -> None:
     assert fed.node_ids() == {"dev-a": fed.node_ids()["dev-a"], "dev-b": None}
     registry = json.loads((fed.home / "devices.json").read_text())
     assert registry["dev-b"]["status"] == "revoked"
+
+
+def test_a_device_revoked_mid_round_stops_holding_it(tmp_path: Path, world) -> None:
+    """The server gives up on a device that was revoked (and stopped) while it owed a reply
+    within a minute, not after round-timeout-s (600 s here): Flower's missed heartbeats or
+    fedrec's look at the online nodes (server/grid.py), whichever comes first."""
+    files = split_users(world["data"], tmp_path, ["dev-a", "dev-b"])
+    run = {
+        "num-server-rounds": 1,
+        "min-nodes": 2,
+        "round-timeout-s": 600.0,
+        "fraction-evaluate": 0.0,  # an evaluation would wait for min-nodes devices again
+    }
+    with federation(tmp_path, world, **run) as fed:
+        fed.add_devices(files)
+        fed.start_server()
+        for name in files:
+            fed.start_device(name)
+        node_b = fed.node_ids()["dev-b"]
+        fed.wait_for_round(0, timeout_s=600)  # round 1's messages go out now
+        pid_b = fed.supernode_pid("dev-b")
+        os.killpg(pid_b, signal.SIGSTOP)  # dev-b will not answer round 1
+        revoked = time.monotonic()
+        fed.revoke("dev-b")
+        fed.wait_for_round(1, timeout_s=300)
+        held_s = time.monotonic() - revoked
+        os.killpg(pid_b, signal.SIGKILL)
+        code = fed.wait_server(timeout_s=300)
+        assert code == 0, (fed.root / "server.out").read_text()
+        fed.stop()
+    print(f"round held {held_s:.1f} s after the revocation")
+    assert held_s < 60.0
+    row = fed.rounds()[1]
+    assert row["clients_train"] == 1 and row["failed_nodes"] == [node_b]
+    assert f"lost node {node_b}" in (fed.output / "run.log").read_text()
