@@ -32,7 +32,6 @@ from common.weights import (
     to_arrays,
     trainable_state,
 )
-from server.grid import LivenessGrid
 from server.runlog import RunLog
 from server.strategy import (
     CLIENT_TIMES,
@@ -52,8 +51,7 @@ def create_app(base: Config | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = (base or Config()).merged(context.run_config)
-        run_federation(LivenessGrid(grid), cfg, run_id=context.run_id)
+        run_federation(grid, (base or Config()).merged(context.run_config), run_id=context.run_id)
 
     return app
 

@@ -24,7 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.runtime import format_toml_value, free_port, tail
+from common.runtime import (
+    FlowerCli,
+    RunnerError,
+    flower_env,
+    format_toml_value,
+    free_port,
+    tail,
+    write_flwr_config,
+)
 
 STARTED = re.compile(r"SuperNode started \(pid (\d+)\)")
 
@@ -214,6 +222,34 @@ class LoopbackFederation:
                 return
             time.sleep(0.3)
         raise TimeoutError(f"No devices registered:\n{tail(self.root / 'server.out')}")
+
+    def probe_control_api(self, work: Path, public_key: Path) -> dict[str, str | None]:
+        """What someone with nothing but ca.crt gets from the Control API at the devices'
+        address: each attempt's error (None if it went through)."""
+        from server.deploy import PROJECT_DIR
+
+        home = Path(work) / "outsider-flwr-home"
+        write_flwr_config(
+            home,
+            connection="probe",
+            address=f"127.0.0.1:{self.port}",
+            root_certificates=self.home / "certs" / "ca.crt",
+        )
+        probe = FlowerCli(env=flower_env(home), cwd=Path(work), connection="probe")
+        attempts = {
+            "list_nodes": probe.nodes,
+            "list_runs": lambda: probe.status("1"),
+            "register_node": lambda: probe.register_node(public_key, name="outsider"),
+            "submit_run": lambda: probe.run(PROJECT_DIR, run_config=""),
+        }
+        errors: dict[str, str | None] = {}
+        for what, attempt in attempts.items():
+            try:
+                attempt()
+                errors[what] = None
+            except RunnerError as exc:
+                errors[what] = str(exc).splitlines()[0][:200]
+        return errors
 
     def wait_server(self, timeout_s: float) -> int:
         assert self.server is not None

@@ -141,10 +141,9 @@ def _rejections(row: dict) -> dict[str, int]:
 
 def control_api(*, work: Path) -> dict[str, Any]:
     """A `flwr` with only ca.crt, pointed at the public address, against a real server."""
+    from common import credentials
     from common.config import Config
     from common.data import ensure_ml100k
-    from common.runtime import FlowerCli, RunnerError, flower_env, write_flwr_config
-    from server.deploy import PROJECT_DIR
     from simulations.deploy_bench import device_files
     from simulations.loopback import LoopbackFederation
 
@@ -164,28 +163,9 @@ def control_api(*, work: Path) -> dict[str, Any]:
         fed.start_server()
         for name in files:
             fed.start_device(name)
-        home = work / "outsider-flwr-home"
-        write_flwr_config(
-            home,
-            connection="probe",
-            address=f"127.0.0.1:{fed.port}",
-            root_certificates=fed.home / "certs" / "ca.crt",
-        )
-        probe = FlowerCli(env=flower_env(home), cwd=work, connection="probe")
-        key = work / "outsider.pub"
-        key.write_bytes((fed.home / "devices" / f"{next(iter(files))}.pub").read_bytes())
-        attempts = {
-            "list_nodes": probe.nodes,
-            "list_runs": lambda: probe.status("1"),
-            "register_node": lambda: probe.register_node(key, name="outsider"),
-            "submit_run": lambda: probe.run(PROJECT_DIR, run_config=""),
-        }
-        for what, attempt in attempts.items():
-            try:
-                attempt()
-                out[what] = {"refused": False}
-            except RunnerError as exc:
-                out[what] = {"refused": True, "error": str(exc).splitlines()[0][:200]}
+        _, key = credentials.create_device_key(work, "outsider")  # a key nobody registered
+        for what, error in fed.probe_control_api(work, key).items():
+            out[what] = {"refused": error is not None, "error": error}
         code = fed.wait_server(timeout_s=1200)
         server_out = (fed.root / "server.out").read_text()
         fed.stop()

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -18,9 +16,7 @@ import pytest
 from client.client_app import LEDGER_FILE
 from client.device import EXIT_REFUSED
 from client.installed import installed_metadata, load_installed
-from common.runtime import FlowerCli, RunnerError, flower_env, write_flwr_config
 from common.weights import load_model_dir, trainable_state
-from server.deploy import PROJECT_DIR
 from simulations.loopback import LoopbackFederation
 from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
 
@@ -96,26 +92,8 @@ def test_two_devices_train_and_install_the_final_model(tmp_path: Path, world) ->
         # Someone with nothing but ca.crt (every device owner) points `flwr` at the public
         # address: listing nodes or runs, registering a key and submitting a ServerApp are all
         # refused there; the operator's own connection (loopback) is what the server uses.
-        outsider = tmp_path / "outsider-flwr-home"
-        write_flwr_config(
-            outsider,
-            connection="probe",
-            address=f"127.0.0.1:{fed.port}",
-            root_certificates=fed.home / "certs" / "ca.crt",
-        )
-        probe = FlowerCli(env=flower_env(outsider), cwd=tmp_path, connection="probe")
-        attempts = {
-            "list nodes": probe.nodes,
-            "list runs": lambda: probe.status("1"),
-            "register a node": lambda: probe.register_node(
-                stranger.key.with_suffix(".pub"), name="x"
-            ),
-            "submit a run": lambda: probe.run(PROJECT_DIR, run_config=""),
-        }
-        for what, attempt in attempts.items():
-            with pytest.raises(RunnerError):
-                attempt()
-                pytest.fail(f"{what} through the public address was not refused")
+        errors = fed.probe_control_api(tmp_path, stranger.key.with_suffix(".pub"))
+        assert all(errors.values()), errors  # each attempt failed, with an error
         live = json.loads((fed.home / "superlink.json").read_text())
         assert live["address"] == f"127.0.0.1:{fed.port + 1}"
 
@@ -227,9 +205,9 @@ def test_a_revoked_device_is_refused(tmp_path: Path, world) -> None:
 
 
 def test_a_device_revoked_mid_round_stops_holding_it(tmp_path: Path, world) -> None:
-    """The server gives up on a device that was revoked (and stopped) while it owed a reply
-    within a minute, not after round-timeout-s (600 s here): Flower's missed heartbeats or
-    fedrec's look at the online nodes (server/grid.py), whichever comes first."""
+    """The server gives up on a device that was revoked while it owed a reply within a
+    minute, not after round-timeout-s (600 s here): the SuperLink ends the device's session
+    and answers for it once its heartbeats are missed (Flower's "Node Unavailable")."""
     files = split_users(world["data"], tmp_path, ["dev-a", "dev-b"])
     run = {
         "num-server-rounds": 1,
@@ -244,13 +222,11 @@ def test_a_device_revoked_mid_round_stops_holding_it(tmp_path: Path, world) -> N
             fed.start_device(name)
         node_b = fed.node_ids()["dev-b"]
         fed.wait_for_round(0, timeout_s=600)  # round 1's messages go out now
-        pid_b = fed.supernode_pid("dev-b")
-        os.killpg(pid_b, signal.SIGSTOP)  # dev-b will not answer round 1
+        # revoked while its ClientApp starts (a fresh process per message: seconds of imports)
         revoked = time.monotonic()
         fed.revoke("dev-b")
         fed.wait_for_round(1, timeout_s=300)
         held_s = time.monotonic() - revoked
-        os.killpg(pid_b, signal.SIGKILL)
         code = fed.wait_server(timeout_s=300)
         assert code == 0, (fed.root / "server.out").read_text()
         fed.stop()
@@ -258,4 +234,5 @@ def test_a_device_revoked_mid_round_stops_holding_it(tmp_path: Path, world) -> N
     assert held_s < 60.0
     row = fed.rounds()[1]
     assert row["clients_train"] == 1 and row["failed_nodes"] == [node_b]
-    assert f"lost node {node_b}" in (fed.output / "run.log").read_text()
+    log = (fed.output / "run.log").read_text()
+    assert f"lost node {node_b} (error 5" in log

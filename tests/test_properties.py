@@ -8,21 +8,20 @@ import csv
 import io
 import logging
 import tempfile
-import time
 from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Metadata, MetricRecord, RecordDict
-from flwr.app.message import make_message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.data import Catalog, DataError, load_catalog, load_dataset, split_by_user
 from common.wire import SENT_AS, encode_update, update_shape
 from server.strategy import FedRecAvg
+from tests.test_strategy import reply as message  # node's reply to the message sent to it
 
 FAST = settings(
     max_examples=60,
@@ -262,23 +261,6 @@ def validating_strategy(wire_dtype: str) -> FedRecAvg:
     grid = SimpleNamespace(get_node_ids=lambda: list(NODES))
     s.configure_train(1, model, ConfigRecord(), grid)
     return s
-
-
-def message(node: int, content: RecordDict | None = None, error: Error | None = None):
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id=f"q{node}",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    if error is not None:
-        return make_message(metadata=meta, error=error)
-    return make_message(metadata=meta, content=content)
 
 
 numbers = st.one_of(
