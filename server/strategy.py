@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
 
+from common.config import NORM_ACTIONS
 from common.privacy import secure_numpy_rng
 from common.wire import SENT_AS, decode_update, encode_weights, update_shape
 
@@ -67,7 +68,6 @@ MALFORMED = "malformed"  # names, shapes, dtypes or counts not what was sent
 NON_FINITE = "non_finite"  # NaN or infinite values
 OVER_NORM = "over_norm"  # norm over update-norm-limit x the round's median (action reject)
 REJECTIONS = (MALFORMED, NON_FINITE, OVER_NORM)
-NORM_ACTIONS = ("clip", "reject")
 
 
 def update_norm(update: dict[str, np.ndarray]) -> float:
