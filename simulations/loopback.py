@@ -248,7 +248,8 @@ class LoopbackFederation:
                 attempt()
                 errors[what] = None
             except RunnerError as exc:
-                errors[what] = str(exc).splitlines()[0][:200]
+                lines = [line for line in str(exc).splitlines() if line.strip()]
+                errors[what] = lines[-1].strip()[:200]  # the CLI's last word: why it failed
         return errors
 
     def wait_server(self, timeout_s: float) -> int:

@@ -296,6 +296,7 @@ def resume(*, work: Path, rounds: int = 4, kill_after: int = 2) -> dict[str, Any
         '[scenario]\nname = "resume"\n\n[run]\ndataset = "ml-100k"\npartition = "iid"\n'
         f"num-partitions = 4\nnum-server-rounds = {rounds}\nfraction-evaluate = 0.0\n"
         "central-eval = false\nlocal-steps = 1\n\n[federation]\nnum-supernodes = 4\n"
+        "client-resources-num-cpus = 1\n"
     )
     out_dir = work / "resume-run"
     cmd = [
