@@ -135,7 +135,7 @@ class Config:
         metadata=_doc("Cap on a client's example-count weight (client-weighting=examples)."),
     )
     update_norm_limit: float = field(
-        default=5.0,
+        default=3.0,
         metadata=_doc(
             "An update whose L2 norm is over this multiple of the round's median update norm is "
             "clipped or rejected (update-norm-action); 0 = off. Not applied under dp-mode fedavg, "
@@ -143,7 +143,7 @@ class Config:
         ),
     )
     update_norm_action: str = field(
-        default="clip", metadata=_doc("clip | reject: what update-norm-limit does.")
+        default="reject", metadata=_doc("reject | clip: what update-norm-limit does.")
     )
     trimmed_beta: float = field(
         default=0.2,
