@@ -7,7 +7,8 @@ check, each key named so a reader can check it:
   sign-flipped (x-10) updates (client/faults.py); test NDCG@10 of the round the server selects
   on validation, clean / attacked (no bound) / defended (updates over 3 x the median norm
   rejected, the default; or over 5 x clipped), from
-  `fedrec-ablation --variants simulations/configs/reliability-poisoning.toml`;
+  `fedrec-ablation --variants simulations/configs/reliability-poisoning.toml` (variant-sNN:
+  seed NN of variant);
 - faults: simulated clients that raise, hang past the round timeout or return garbage (5% of
   them); whether every round completed and what the server counted per round;
 - control_api: a real server (`fedrec-server run`, TLS, device keys) with one MovieLens user
@@ -29,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,12 +40,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from simulations import report
 from simulations.report import CONFIGS, README, RESULTS, ROOT
 
 RESULT = "reliability.json"
 POISONING = CONFIGS / "reliability-poisoning.toml"
 ATTACKS = {"scale": "x1000", "flip": "sign-flipped x10"}
+SEED_SUFFIX = re.compile(r"-s\d+$")  # variant-s43: seed 43 of variant
 MARKERS = {"begin": "<!-- results:reliability -->", "end": "<!-- /results:reliability -->"}
 SECTIONS = ("poisoning", "faults", "control_api", "service", "resume")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -60,33 +65,49 @@ def poisoning(*, rounds: int, results: Path, reuse: bool) -> dict[str, Any]:
         cmd += ["--rounds", str(rounds), "--results", str(results), "--jobs", "2"]
         subprocess.run(cmd, cwd=ROOT, env=ENV, check=True)
     runs = {r["name"]: r for r in json.loads(path.read_text())}
-    # every run without attackers (whatever its bound): their spread is run-to-run noise, as
-    # the clients Flower samples each round differ from run to run
-    cleans = {n: r["test_ndcg@10"] for n, r in runs.items() if n.startswith("clean")}
-    clean = sum(cleans.values()) / len(cleans)
+    # a variant's seeds (name-sNN) together; every variant without attackers (whatever its
+    # bound) is the clean reference: none clipped or rejected an update, so their spread is
+    # run-to-run noise (seeds, and the clients Flower samples each round)
+    groups: dict[str, list[float]] = {}
+    for name, run in runs.items():
+        groups.setdefault(SEED_SUFFIX.sub("", name), []).append(run["test_ndcg@10"])
+    cleans = [v for name, values in groups.items() if name.startswith("clean") for v in values]
+    clean = float(np.mean(cleans))
     out: dict[str, Any] = {
         "rounds": rounds,
         "clients": 943,
         "attacker_share": 0.1,
         "clean_runs_test_ndcg@10": cleans,
         "clean_test_ndcg@10": clean,
+        "clean_test_ndcg@10_std": float(np.std(cleans)),
+        "variants": {name: _spread(values) for name, values in groups.items()},
         "runs": {n: _run_summary(r) for n, r in runs.items()},
     }
     for attack, what in ATTACKS.items():
-        defended = {n: r for n, r in runs.items() if n.startswith(f"defended-{attack}")}
+        defended = [name for name in groups if name.startswith(f"defended-{attack}")]
         entry = {
             "attack": what,
-            "attacked_test_ndcg@10": runs[f"attacked-{attack}"]["test_ndcg@10"],
-            "defended_test_ndcg@10": {n: r["test_ndcg@10"] for n, r in defended.items()},
+            "attacked_test_ndcg@10": _spread(groups[f"attacked-{attack}"]),
+            "defended_test_ndcg@10": {name: _spread(groups[name]) for name in defended},
         }
         entry["defended_over_clean"] = {
-            n: v / clean for n, v in entry["defended_test_ndcg@10"].items()
+            name: float(np.mean(groups[name])) / clean for name in defended
         }
         entry["defended_within_10_percent_of_clean"] = {
-            n: ratio >= 0.9 for n, ratio in entry["defended_over_clean"].items()
+            name: ratio >= 0.9 for name, ratio in entry["defended_over_clean"].items()
         }
         out[attack] = entry
     return out
+
+
+def _spread(values: list[float]) -> dict[str, float | int]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": len(values)}
+
+
+def _pm(spread: dict) -> str:
+    if spread["runs"] == 1:
+        return f"{spread['mean']:.4f} (1 run)"
+    return f"{spread['mean']:.4f} ± {spread['std']:.4f} ({spread['runs']} runs)"
 
 
 def _run_summary(run: dict) -> dict[str, Any]:
@@ -359,12 +380,14 @@ def markdown(result: dict[str, Any]) -> str:
     if p := result.get("poisoning"):
         lines += [
             f"Poisoning: {p['attacker_share']:.0%} of {p['clients']} one-user clients attack, "
-            f"{p['rounds']} rounds, in-process, seed 42; test NDCG@10 of the round selected on "
-            "validation. Clean is the mean of the runs without attackers ("
-            + ", ".join(f"{v:.4f}" for v in p["clean_runs_test_ndcg@10"].values())
-            + "): neither clipped nor rejected an update; they differ in the clients Flower "
-            "samples each round (Python's unseeded `random`), so their spread is the noise of "
-            "one run.",
+            f"{p['rounds']} rounds, in-process, seed 42 (and 43, 44 for rows of 3 runs); test "
+            "NDCG@10 of the round selected on "
+            "validation; a variant's seeds as mean ± std. Clean is the mean of every run "
+            "without attackers ("
+            + ", ".join(f"{v:.4f}" for v in p["clean_runs_test_ndcg@10"])
+            + "): none clipped or rejected an update; they differ in seed and in the clients "
+            "Flower samples each round (Python's unseeded `random`), so their spread is the "
+            "noise of one run.",
             "",
             "| attack | clean | attacked (no bound) | defended | defended / clean |",
             "| --- | --- | --- | --- | --- |",
@@ -374,15 +397,18 @@ def markdown(result: dict[str, Any]) -> str:
             for name, value in e["defended_test_ndcg@10"].items():
                 lines.append(
                     f"| {e['attack']} | {p['clean_test_ndcg@10']:.4f} "
-                    f"| {e['attacked_test_ndcg@10']:.4f} | {value:.4f} ({_bound(name)}) "
-                    f"| {e['defended_over_clean'][name]:.2f} |"
+                    f"± {p['clean_test_ndcg@10_std']:.4f} | {_pm(e['attacked_test_ndcg@10'])} "
+                    f"| {_pm(value)}, {_bound(name)} | {e['defended_over_clean'][name]:.2f} |"
                 )
-        for name, run in p["runs"].items():
+        for name, spread in p["variants"].items():
             if name.startswith("clean"):
+                seeds = [r for n, r in p["runs"].items() if SEED_SUFFIX.sub("", n) == name]
+                rejected = sum(r["clients_rejected_all_rounds"] for r in seeds)
+                clipped = sum(r["clients_clipped_all_rounds"] for r in seeds)
+                updates = sum(r["clients_train_all_rounds"] for r in seeds) + rejected
                 lines.append(
-                    f"\nNo attacker, {_bound(name)}: test NDCG@10 {run['test_ndcg@10']:.4f}, "
-                    f"{run['clients_rejected_all_rounds']} honest update(s) rejected and "
-                    f"{run['clients_clipped_all_rounds']} clipped over {p['rounds']} rounds."
+                    f"\nNo attacker, {_bound(name)}: test NDCG@10 {_pm(spread)}; of {updates} "
+                    f"honest updates {rejected} rejected and {clipped} clipped."
                 )
         lines.append("")
     if f := result.get("faults"):
