@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from typing import Any
 
@@ -98,6 +99,10 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
     nodes = cfg.min_nodes or num_partitions(cfg, splits)
     central_dp = central_dp_of(cfg, nodes) if cfg.dp_mode == "fedavg" else None
     fraction_train = 1.0 if central_dp else cfg.fraction_train  # DP: Poisson-sampled below
+    # Flower's strategies draw each round's cohort with Python's `random`: seeded from the
+    # run (and the rounds already done), a run is repeatable. DP-FedAvg's Poisson sampling
+    # does not use it (OS entropy, server/strategy.py).
+    random.seed(cfg.seed * 1_000_003 + done)
     strategy = make_strategy(
         cfg.strategy,
         server_learning_rate=cfg.server_learning_rate,
