@@ -67,7 +67,7 @@ def poisoning(*, rounds: int, results: Path, reuse: bool) -> dict[str, Any]:
     runs = {r["name"]: r for r in json.loads(path.read_text())}
     # a variant's seeds (name-sNN) together; every variant without attackers (whatever its
     # bound) is the clean reference: none clipped or rejected an update, so their spread is
-    # run-to-run noise (seeds, and the clients Flower samples each round)
+    # run-to-run noise
     groups: dict[str, list[float]] = {}
     for name, run in runs.items():
         groups.setdefault(SEED_SUFFIX.sub("", name), []).append(run["test_ndcg@10"])
@@ -385,9 +385,9 @@ def markdown(result: dict[str, Any]) -> str:
             "validation; a variant's seeds as mean ± std. Clean is the mean of every run "
             "without attackers ("
             + ", ".join(f"{v:.4f}" for v in p["clean_runs_test_ndcg@10"])
-            + "): none clipped or rejected an update; they differ in seed and in the clients "
-            "Flower samples each round (Python's unseeded `random`), so their spread is the "
-            "noise of one run.",
+            + "): none clipped or rejected an update; they differ in seed (and, for runs "
+            "before commit 99ce330 seeded it, in the clients Flower drew with Python's "
+            "`random`), so their spread is the noise of one run.",
             "",
             "| attack | clean | attacked (no bound) | defended | defended / clean |",
             "| --- | --- | --- | --- | --- |",
