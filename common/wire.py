@@ -89,9 +89,15 @@ def update_shape(shape: tuple[int, ...], dtype: str) -> tuple[int, ...]:
 def decode_update(record: ArrayRecord, shapes: dict[str, tuple[int, ...]]) -> OrderedDict:
     """A client's update in float32, whichever wire dtype carried it; `shapes` are the
     tensors' own shapes (int8 rows are reshaped to them)."""
+    return decode_update_values({name: a.numpy() for name, a in record.items()}, shapes)
+
+
+def decode_update_values(
+    values: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]
+) -> OrderedDict:
+    """decode_update of the wire arrays already taken out of their record."""
     out = OrderedDict()
-    for name, array in record.items():
-        value = array.numpy()
+    for name, value in values.items():
         if value.dtype == np.int16:  # bfloat16 bits
             value = torch.from_numpy(value).view(torch.bfloat16).float().numpy()
         elif value.dtype == np.int8:

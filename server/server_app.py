@@ -124,8 +124,8 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         trimmed_beta=cfg.trimmed_beta,
         num_malicious_nodes=cfg.num_malicious_nodes,
         central_dp=central_dp,
+        round_offset=done,
     )
-    strategy.round_offset = done
 
     # 5. After each round: central evaluation (simulation), checkpoint, metrics row
     valid_cases, test_cases = eval_cases(list(splits), "valid"), eval_cases(list(splits), "test")

@@ -28,7 +28,7 @@ from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_std
 
 from common.config import NORM_ACTIONS
 from common.privacy import secure_numpy_rng
-from common.wire import SENT_AS, decode_update, encode_weights, update_shape
+from common.wire import SENT_AS, decode_update_values, encode_weights, update_shape
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,14 @@ MALFORMED = "malformed"  # names, shapes, dtypes or counts not what was sent
 NON_FINITE = "non_finite"  # NaN or infinite values
 OVER_NORM = "over_norm"  # norm over update-norm-limit x the round's median (action reject)
 REJECTIONS = (MALFORMED, NON_FINITE, OVER_NORM)
+
+
+class Rejected(Exception):
+    """A reply that cannot be averaged: its kind (REJECTIONS) and why."""
+
+    def __init__(self, kind: str, why: str):
+        super().__init__(why)
+        self.kind, self.why = kind, why
 
 
 def update_norm(update: dict[str, np.ndarray]) -> float:
@@ -143,12 +151,13 @@ class ValidatedReplies:
         update_norm_limit: float = 0.0,
         update_norm_action: str = "clip",
         central_dp: CentralDP | None = None,
+        round_offset: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
         if update_norm_action not in NORM_ACTIONS:
             raise ValueError(f"update_norm_action must be one of {NORM_ACTIONS}.")
-        self.round_offset = 0  # rounds done before this run (resume): log lines say the run's round
+        self.round_offset = round_offset  # rounds done before (resume): logs give the run's
         self.update_norm_limit = update_norm_limit
         self.update_norm_action = update_norm_action
         self.central_dp = central_dp
@@ -201,43 +210,48 @@ class ValidatedReplies:
         stats.bytes_down += sum(array_bytes(m.content["arrays"]) for m in messages)
         return messages
 
-    def _problem(self, msg: Message) -> tuple[str, str] | None:
-        """Why a reply cannot be averaged, as (kind, explanation), or None."""
+    def _update(self, msg: Message) -> dict[str, np.ndarray]:
+        """The reply's update in float32 (each tensor decoded once); Rejected, with its kind
+        and why, when it cannot be averaged."""
         content = msg.content
         if len(content.metric_records) != 1:
-            return MALFORMED, "expected exactly one MetricRecord"
+            raise Rejected(MALFORMED, "expected exactly one MetricRecord")
         metrics = next(iter(content.metric_records.values()))
         weight = metrics.get(NUM_EXAMPLES)
         if not isinstance(weight, int | float) or weight <= 0 or not np.isfinite(weight):
-            return MALFORMED, f"'{NUM_EXAMPLES}' must be a positive number, got {weight!r}"
+            raise Rejected(MALFORMED, f"'{NUM_EXAMPLES}' must be a positive number, got {weight!r}")
         if len(content.array_records) != 1:
-            return MALFORMED, "expected exactly one ArrayRecord"
+            raise Rejected(MALFORMED, "expected exactly one ArrayRecord")
         arrays = next(iter(content.array_records.values()))
         if set(arrays.keys()) != set(self._expected):
             missing = sorted(set(self._expected) - set(arrays.keys()))[:3]
             extra = sorted(set(arrays.keys()) - set(self._expected))[:3]
             why = f"tensor names differ from the global model (missing {missing}, extra {extra})"
-            return MALFORMED, why
+            raise Rejected(MALFORMED, why)
+        values = {}
         for key, array in arrays.items():
             shape, dtype = self._expected[key]
             try:  # the bytes themselves, not the header the sender wrote beside them
                 value = array.numpy()
             except Exception as exc:  # whatever numpy makes of forged bytes
-                return MALFORMED, f"tensor {key!r} does not decode: {type(exc).__name__}"
+                why = f"tensor {key!r} does not decode: {type(exc).__name__}"
+                raise Rejected(MALFORMED, why) from None
             if tuple(value.shape) != shape or value.dtype != dtype:
                 why = f"tensor {key!r} is {value.dtype}{list(value.shape)}, expected "
-                return MALFORMED, why + f"{dtype}{list(shape)}"
+                raise Rejected(MALFORMED, why + f"{dtype}{list(shape)}")
+            values[key] = value
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is what we look for
-            for key, value in decode_update(arrays, self._shapes()).items():
+            update = decode_update_values(values, self._shapes())
+            for key, value in update.items():
                 if not np.all(np.isfinite(value)):
-                    return NON_FINITE, f"tensor {key!r} holds NaN or infinite values"
-        return None
+                    raise Rejected(NON_FINITE, f"tensor {key!r} holds NaN or infinite values")
+        return update
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats.setdefault(server_round, RoundStats())
-        accepted: list[Message] = []
+        accepted: list[tuple[Message, dict[str, np.ndarray]]] = []  # (reply, its update)
         replies = list(replies)
         sent = destinations(self._sent)
         answered = {reply_node(msg, sent) for msg in replies}
@@ -258,12 +272,13 @@ class ValidatedReplies:
                     "privacy budget spent",
                 )
                 continue
-            problem = self._problem(msg)
-            if problem:
-                self._reject(stats, server_round, node, *problem)
+            try:
+                update = self._update(msg)
+            except Rejected as rejected:
+                self._reject(stats, server_round, node, rejected.kind, rejected.why)
                 continue
             stats.bytes_up += array_bytes(next(iter(msg.content.array_records.values())))
-            accepted.append(msg)
+            accepted.append((msg, update))
             stats.update_seconds.extend(_floats(metrics, "update-s"))
             for key in CLIENT_TIMES:
                 stats.client_seconds.setdefault(key, []).extend(_floats(metrics, key))
@@ -272,17 +287,17 @@ class ValidatedReplies:
             )
         if self.central_dp is not None:  # every update clipped and weighted the same
             stats.clients_train = len(accepted)
-            accepted = [self._noised_mean(accepted, stats)] if accepted else []
+            weights = [self._noised_mean(accepted, stats)] if accepted else []
         else:
-            accepted = self._bounded(accepted, stats, server_round, sent)
-            stats.clients_train = len(accepted)
-        if not accepted:
+            weights = self._bounded(accepted, stats, server_round, sent)
+            stats.clients_train = len(weights)
+        if not weights:
             log.warning(
                 "Round %d: no usable update; the global model is unchanged.",
                 self._round(server_round),
             )
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, accepted)
+        arrays, metrics = super().aggregate_train(server_round, weights)
         if arrays is not None:
             arrays = self._as_expected(arrays)
             if not all(np.all(np.isfinite(a.numpy())) for a in arrays.values()):
@@ -296,20 +311,21 @@ class ValidatedReplies:
         return arrays, metrics
 
     def _bounded(
-        self, accepted: list[Message], stats: RoundStats, server_round: int, sent: dict[str, int]
+        self,
+        accepted: list[tuple[Message, dict[str, np.ndarray]]],
+        stats: RoundStats,
+        server_round: int,
+        sent: dict[str, int],
     ) -> list[Message]:
         """The replies as weights for the strategy underneath, each update's norm bounded
         relative to the round's median and each client's weight capped."""
-        updates = [
-            decode_update(next(iter(m.content.array_records.values())), self._shapes())
-            for m in accepted
-        ]
+        updates = [update for _, update in accepted]
         norms = [update_norm(u) for u in updates]
         bound = float("inf")
         if self.update_norm_limit > 0 and len(norms) >= 3:
             bound = self.update_norm_limit * float(np.median(norms))
         kept = []
-        for msg, update, norm in zip(accepted, updates, norms, strict=True):
+        for (msg, update), norm in zip(accepted, norms, strict=True):
             if norm > bound:
                 node = reply_node(msg, sent)
                 if self.update_norm_action == "reject":
@@ -361,14 +377,15 @@ class ValidatedReplies:
         )
         return msg
 
-    def _noised_mean(self, accepted: list[Message], stats: RoundStats) -> Message:
+    def _noised_mean(
+        self, accepted: list[tuple[Message, dict[str, np.ndarray]]], stats: RoundStats
+    ) -> Message:
         """DP-FedAvg's release: clip each update, sum, add noise, divide by the expected
         cohort; returned as one reply of weight 1 holding global weights + the noised mean."""
         dp = self.central_dp
         keys = list(self._global)
         total = [np.zeros_like(self._global[k], dtype=np.float64) for k in keys]
-        for msg in accepted:
-            decoded = decode_update(next(iter(msg.content.array_records.values())), self._shapes())
+        for _, decoded in accepted:
             update = [decoded[k].astype(np.float64) for k in keys]
             if get_norm(update) > 0:  # Flower's clipping, whatever the client did
                 clip_inputs_inplace(update, dp.clip_norm)
@@ -382,7 +399,7 @@ class ValidatedReplies:
             )
             for k, acc in zip(keys, total, strict=True)
         }
-        release = accepted[0]
+        release = accepted[0][0]
         key = next(iter(release.content.array_records))
         release.content[key] = ArrayRecord(
             OrderedDict((k, torch.from_numpy(self._global[k] + mean[k])) for k in keys)
@@ -503,7 +520,6 @@ STRATEGIES = {
     "krum": FedRecKrum,
     "bulyan": FedRecBulyan,
 }
-ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "bulyan")
 
 
 def make_strategy(

@@ -384,8 +384,7 @@ def test_robust_strategies_from_flower_ignore_a_sign_flipped_outlier(name, optio
 def test_log_lines_after_a_resume_give_the_runs_round(caplog):
     """Flower counts a resumed run's rounds from 1; fedrec's lines count the whole run's, as
     metrics.jsonl does."""
-    s = FedRecAvg(min_available_nodes=1, min_train_nodes=1)
-    s.round_offset = 50
+    s = FedRecAvg(min_available_nodes=1, min_train_nodes=1, round_offset=50)
     configure(s, arrays(w=np.zeros(2, np.float32)))
     with caplog.at_level(logging.WARNING):
         s.aggregate_train(1, [update(1, 1, w=np.ones(3, np.float32))])
