@@ -127,10 +127,22 @@ def load_installed(state_dir: Path, *, backbone: str | None = None) -> tuple[Rec
 
 
 def _load_version(path: Path, *, backbone: str | None) -> tuple[Recommender, dict]:
+    model, _, metadata = load_model(path, backbone=backbone)
+    return model, metadata
+
+
+def load_model(
+    path: Path, *, backbone: str | None = None, cache_dir: str | None = None
+) -> tuple[Recommender, Config, dict]:
+    """A model directory as a model ready to score, its config and its metadata; `backbone`
+    and `cache_dir` override the recorded ones (the device's own). ModelDirError, naming the
+    file, when the directory is damaged."""
     state, metadata = load_model_dir(path)
     cfg = Config.from_mapping(metadata["config"])
     if backbone is not None:
         cfg = cfg.replace(backbone=backbone)
+    if cache_dir is not None:
+        cfg = cfg.replace(cache_dir=cache_dir)
     if "catalog_items" not in metadata:
         raise ModelDirError(f"{path / METADATA}: damaged, it has no catalog_items.")
     # imported here: common.task loads the data layer, not needed to read metadata
@@ -141,7 +153,7 @@ def _load_version(path: Path, *, backbone: str | None) -> tuple[Recommender, dic
         load_trainable_state(model, state)
     except ValueError as exc:  # the tensors disagree with their own fedrec.json
         raise ModelDirError(f"{path}: {exc}") from None
-    return model.eval(), metadata
+    return model.eval(), cfg, metadata
 
 
 def _versions(state_dir: Path) -> tuple[list[Path], list[str]]:

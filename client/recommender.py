@@ -33,13 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.installed import first_usable
+from client.installed import first_usable, load_model
 from common.backbone import ItemStates, cached_item_states, encode_items, load_backbone
 from common.config import Config
 from common.data import Catalog, DataError
 from common.model import Recommender
 from common.train import encoded_items, item_vectors
-from common.weights import ModelDirError, load_model_dir, load_trainable_state
 
 QUANTIZE = ("none", "int8")
 RUNTIMES = ("auto", "torch", "onnx")
@@ -311,12 +310,10 @@ class LocalRecommender:
             return True
 
     def _build(self, model_dir: Path) -> _Snapshot:
-        state, metadata = load_model_dir(model_dir)
-        cfg = Config.from_mapping(metadata["config"])
-        if self.backbone_override is not None:
-            cfg = cfg.replace(backbone=self.backbone_override)
-        if self.cache_dir is not None:
-            cfg = cfg.replace(cache_dir=str(self.cache_dir))
+        cache_dir = None if self.cache_dir is None else str(self.cache_dir)
+        model, cfg, metadata = load_model(
+            model_dir, backbone=self.backbone_override, cache_dir=cache_dir
+        )
         expected = metadata.get("catalog_sha256")
         if expected and expected != self.catalog.fingerprint():
             raise ValueError(
@@ -324,14 +321,6 @@ class LocalRecommender:
                 f"{expected[:12]}…, {metadata.get('catalog_items')} items) than the one given "
                 f"({self.catalog.fingerprint()[:12]}…, {len(self.catalog)} items)."
             )
-        from common.task import build_model  # the data layer, only needed here
-
-        model = build_model(cfg, num_items=int(metadata["catalog_items"]))
-        try:
-            load_trainable_state(model, state)
-        except ValueError as exc:  # the tensors disagree with their own fedrec.json
-            raise ModelDirError(f"{model_dir}: {exc}") from None
-        model.eval()
         states = cached_item_states(
             load_backbone(cfg.backbone),
             list(self.catalog.texts),

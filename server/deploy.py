@@ -54,7 +54,7 @@ from common.runtime import (
     uninterrupted,
     write_flwr_config,
 )
-from server.gate import GateTls, start_gate
+from server.gate import start_gate
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedrec"
@@ -282,8 +282,7 @@ def run(
         superlink.start()
         _private(home.database)
         home.live.write_text(json.dumps({"pid": superlink.pid, "address": superlink.address}))
-        gate_tls = None if tls is None else GateTls(cert=tls.cert, key=tls.key, ca_cert=tls.ca_cert)
-        gate = start_gate(host=host, port=port, upstream_port=operator_port, tls=gate_tls)
+        gate = start_gate(host=host, port=port, upstream_port=operator_port, tls=tls)
         mode = "insecure (no TLS, no device authentication)" if insecure else "TLS, device auth"
         say(
             f"Fleet API for devices on {host}:{port} ({mode}); SuperLink (pid {superlink.pid}) "

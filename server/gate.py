@@ -22,11 +22,11 @@ import ssl
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import uvicorn
+
+from common.runtime import Tls
 
 log = logging.getLogger(__name__)
 
@@ -160,15 +160,6 @@ async def _respond(send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-@dataclass
-class GateTls:
-    """The gate's own certificate (devices verify it) and the CA the SuperLink's is checked with."""
-
-    cert: Path
-    key: Path
-    ca_cert: Path
-
-
 class RunningGate:
     """A gate served by uvicorn in a background thread of this process."""
 
@@ -185,7 +176,7 @@ def start_gate(
     host: str,
     port: int,
     upstream_port: int,
-    tls: GateTls | None,
+    tls: Tls | None,
     timeout_s: float = 30.0,
 ) -> RunningGate:
     """Serve the gate on host:port in a thread, forwarding to the SuperLink on loopback."""
