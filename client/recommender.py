@@ -114,13 +114,20 @@ def read_added_items(path: Path) -> dict[str, str]:
 def write_added_items(path: Path, items: Mapping[str, str]) -> None:
     """Write the added items to their file at once: a crash leaves the old file or the new."""
     path.parent.mkdir(parents=True, exist_ok=True)  # a state directory nothing was installed in
+    rows = (
+        json.dumps({"item_id": i, "text": text}, ensure_ascii=False) for i, text in items.items()
+    )
+    write_private_file(path, "".join(row + "\n" for row in rows))
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Replace a file with `text` at once (a crash leaves the old file or the new), readable
+    by its owner only (mode 0600, as tempfile creates it)."""
     with tempfile.NamedTemporaryFile(
         "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
     ) as out:
         try:
-            for item_id, text in items.items():
-                row = {"item_id": item_id, "text": text}
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.write(text)
             out.flush()
             os.fsync(out.fileno())
         except BaseException:

@@ -33,7 +33,6 @@ import hmac
 import logging
 import os
 import secrets
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from client.recommender import (
     TooManyAddedItems,
     UnknownItems,
     ids_text,
+    write_private_file,
 )
 
 log = logging.getLogger(__name__)
@@ -117,11 +117,7 @@ def service_token(
     if state_dir is None:
         return token, None
     path = Path(state_dir).expanduser() / TOKEN_FILE
-    with tempfile.NamedTemporaryFile(  # created with mode 0600
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{TOKEN_FILE}.", delete=False
-    ) as out:
-        out.write(token + "\n")
-    os.replace(out.name, path)
+    write_private_file(path, token + "\n")
     return token, str(path)
 
 
