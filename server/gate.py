@@ -11,7 +11,7 @@ therefore binds the SuperLink to loopback and puts this gate on the public addre
 Every other method or path gets a 404 and a log line, before anything is read from the body.
 Requests and responses are streamed through unchanged (headers included, so Flower's SuperNode
 signatures still verify at the SuperLink); a request body over `max_body_bytes` is cut off
-with a 413.
+with a 413 by the same body limit as the device's service (common/asgi.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 import httpx
 import uvicorn
 
+from common.asgi import BodyLimit
 from common.runtime import Tls
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,6 @@ _NOT_FORWARDED = {
 }
 
 
-class BodyTooLarge(Exception):
-    """A request body over the gate's limit."""
-
-
 class FleetGate:
     """An ASGI app that forwards POST /v1/fleet/* to `upstream` and refuses everything else."""
 
@@ -58,11 +55,9 @@ class FleetGate:
         upstream: str,
         *,
         verify: ssl.SSLContext | bool = True,
-        max_body_bytes: int = MAX_BODY_BYTES,
     ):
         self.upstream = upstream.rstrip("/")
         self.verify = verify
-        self.max_body_bytes = max_body_bytes
         self.refused = 0  # requests answered 404 (for reports and tests)
         self._client: httpx.AsyncClient | None = None
 
@@ -99,10 +94,6 @@ class FleetGate:
                 send, 404, b'{"detail":"Not found: this address serves the Fleet API only."}'
             )
             return
-        length = _header(scope, b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            await _respond(send, 413, b'{"detail":"Request body too large."}')
-            return
         assert self._client is not None, "the gate's lifespan did not start"
         query = scope.get("query_string", b"")
         url = self.upstream + path + (("?" + query.decode("latin-1")) if query else "")
@@ -112,9 +103,6 @@ class FleetGate:
         )
         try:
             response = await self._client.send(request, stream=True)
-        except BodyTooLarge:
-            await _respond(send, 413, b'{"detail":"Request body too large."}')
-            return
         except httpx.HTTPError as exc:
             log.warning("The SuperLink did not answer %s: %s", path, exc)
             await _respond(send, 502, b'{"detail":"The server is not ready."}')
@@ -131,27 +119,15 @@ class FleetGate:
             await response.aclose()
 
     async def _body(self, receive) -> AsyncIterator[bytes]:
-        """The request body as it arrives, counted; BodyTooLarge past the limit."""
-        seen = 0
+        """The request body as it arrives (BodyLimit around the gate counts it)."""
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > self.max_body_bytes:
-                raise BodyTooLarge
-            if chunk:
+            if chunk := message.get("body", b""):
                 yield chunk
             if not message.get("more_body", False):
                 return
-
-
-def _header(scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
 
 
 async def _respond(send, status: int, body: bytes) -> None:
@@ -177,9 +153,11 @@ def start_gate(
     port: int,
     upstream_port: int,
     tls: Tls | None,
+    max_body_bytes: int = MAX_BODY_BYTES,
     timeout_s: float = 30.0,
 ) -> RunningGate:
-    """Serve the gate on host:port in a thread, forwarding to the SuperLink on loopback."""
+    """Serve the gate on host:port in a thread, forwarding to the SuperLink on loopback;
+    request bodies over max_body_bytes get a 413 (common/asgi.py, counting what is read)."""
     if tls is None:
         gate = FleetGate(f"http://127.0.0.1:{upstream_port}")
         ssl_options = {}
@@ -188,7 +166,7 @@ def start_gate(
         gate = FleetGate(f"https://127.0.0.1:{upstream_port}", verify=verify)
         ssl_options = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
     config = uvicorn.Config(
-        gate,
+        BodyLimit(gate, max_bytes=max_body_bytes),
         host=host,
         port=port,
         lifespan="on",

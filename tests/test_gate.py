@@ -53,8 +53,9 @@ def gate():
     while not server.started:
         time.sleep(0.02)
     port = free_port()
-    running = start_gate(host="127.0.0.1", port=port, upstream_port=upstream_port, tls=None)
-    running.gate.max_body_bytes = 100_000
+    running = start_gate(
+        host="127.0.0.1", port=port, upstream_port=upstream_port, tls=None, max_body_bytes=100_000
+    )
     yield f"http://127.0.0.1:{port}", running.gate
     running.stop()
     server.should_exit = True
