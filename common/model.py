@@ -27,19 +27,24 @@ NEG_INF = -1e9  # additive mask value; finite so fully masked rows stay NaN-free
 LORA_TARGETS = ["query", "value"]
 
 
-def lora_config(cfg: Config, *, base_model: str = "") -> LoraConfig:
+def lora_config(cfg: Config, *, base_model: str = "", num_layers: int = 0) -> LoraConfig:
     """The LoRA settings of the adapted blocks (one place: the model and its saved form).
 
     No LoRA dropout (and the copied blocks' own dropout is switched off): the adapted blocks
     must be deterministic, so that the catalog table a training step reads equals what a later
-    backward pass through the blocks recomputes.
+    backward pass through the blocks recomputes. With the backbone's `num_layers`, the config
+    names the backbone's top `adapter-k` layers, as peft needs it to load the adapter onto the
+    whole backbone (`PeftModel.from_pretrained`); without, it targets every block it is given.
     """
+    top = list(range(num_layers - cfg.adapter_k, num_layers)) if num_layers else None
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=0.0,
         target_modules=LORA_TARGETS,
         base_model_name_or_path=base_model or None,
+        layers_to_transform=top,
+        layers_pattern="layer" if top else None,
     )
 
 

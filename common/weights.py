@@ -29,7 +29,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINABLE_WEIGHTS = "trainable.safetensors"
 METADATA = "fedrec.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: LoRA tensors named on the whole backbone, as peft loads them
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -93,6 +93,29 @@ def _is_lora(name: str) -> bool:
     return ".lora_" in name
 
 
+# The adapted blocks are copies of the backbone's top k layers: model name
+# items.blocks.<i>.<path>.lora_A.default.weight is peft's
+# base_model.model.encoder.layer.<L-k+i>.<path>.lora_A.weight on the whole backbone.
+_BLOCK = "items.blocks."
+_PEFT_LAYER = "base_model.model.encoder.layer."
+
+
+def _peft_name(name: str, layers: int, k: int) -> str:
+    index, rest = name.removeprefix(_BLOCK).split(".", 1)
+    return f"{_PEFT_LAYER}{layers - k + int(index)}.{rest.replace('.default.', '.')}"
+
+
+def _model_name(peft_name: str, layers: int, k: int) -> str:
+    if peft_name.startswith(_PEFT_LAYER):
+        index, rest = peft_name.removeprefix(_PEFT_LAYER).split(".", 1)
+        name = f"{_BLOCK}{int(index) - (layers - k)}.{rest}"
+    else:  # format 1: the blocks' own module path under base_model.model.
+        name = peft_name.removeprefix("base_model.model.")
+    for part in (".lora_A.", ".lora_B."):
+        name = name.replace(part, f"{part}default.")
+    return name
+
+
 def save_model_dir(
     path: Path, *, state: dict[str, np.ndarray], cfg: Config, metadata: dict[str, Any]
 ) -> Path:
@@ -109,13 +132,18 @@ def save_model_dir(
         lora = {n: v for n, v in state.items() if _is_lora(n)}
         rest = {n: v for n, v in state.items() if not _is_lora(n)}
         if lora:
-            # peft names: base_model.model.<module path>.lora_A.weight (adapter name dropped)
-            peft_state = {
-                "base_model.model." + n.replace(".default.", "."): np.ascontiguousarray(v)
-                for n, v in lora.items()
-            }
+            layers = metadata.get("backbone_layers")
+            if not isinstance(layers, int) or layers < cfg.adapter_k:
+                raise ValueError(
+                    "A model with LoRA blocks needs metadata['backbone_layers'] (the backbone's "
+                    f"layer count, >= adapter-k={cfg.adapter_k}) to name its layers for peft; "
+                    f"got {layers!r}."
+                )
+            peft_state = {_peft_name(n, layers, cfg.adapter_k): v for n, v in lora.items()}
             save_numpy(peft_state, str(tmp / ADAPTER_WEIGHTS))
-            lora_config(cfg, base_model=metadata.get("backbone", "")).save_pretrained(str(tmp))
+            lora_config(
+                cfg, base_model=metadata.get("backbone", ""), num_layers=layers
+            ).save_pretrained(str(tmp))
         save_numpy(
             {n: np.ascontiguousarray(v) for n, v in rest.items()}, str(tmp / TRAINABLE_WEIGHTS)
         )
@@ -182,9 +210,8 @@ def load_model_dir(path: Path) -> tuple[OrderedDict[str, np.ndarray], dict[str, 
     state: OrderedDict[str, np.ndarray] = OrderedDict(_read_tensors(path / TRAINABLE_WEIGHTS))
     adapter = path / ADAPTER_WEIGHTS
     if adapter.exists():
+        k = int(meta["config"].get("adapter-k", 0))
+        layers = meta.get("backbone_layers", k)
         for name, value in _read_tensors(adapter).items():
-            inner = name.removeprefix("base_model.model.")
-            for part in (".lora_A.", ".lora_B."):
-                inner = inner.replace(part, f"{part}default.")
-            state[inner] = value
+            state[_model_name(name, layers, k)] = value
     return state, meta

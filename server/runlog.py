@@ -57,9 +57,11 @@ class RunLog:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
-    def save_best(self, round_: int, *, state, cfg: Config) -> Path:
+    def save_best(self, round_: int, *, state, cfg: Config, metadata: dict[str, Any]) -> Path:
         """The model selected on validation so far."""
-        return save_model_dir(self.models / BEST, state=state, cfg=cfg, metadata={"round": round_})
+        return save_model_dir(
+            self.models / BEST, state=state, cfg=cfg, metadata={**metadata, "round": round_}
+        )
 
     def load_best(self) -> tuple[dict, dict]:
         """(state, metadata) of the model selected on validation."""

@@ -77,6 +77,7 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
     identity = {
         "backbone": backbone.name,
         "backbone_sha256": backbone.digest,
+        "backbone_layers": backbone.num_layers,  # names the LoRA layers for peft
         "catalog_sha256": catalog.fingerprint(),
         "catalog_items": len(catalog),
         "dataset": cfg.dataset if cfg.dataset != "path" else cfg.data_path,
@@ -97,6 +98,8 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
 
     # 4. Strategy: min-nodes (deployment), else every partition, connected before round 1
     nodes = cfg.min_nodes or num_partitions(cfg, splits)
+    if not cfg.min_nodes:
+        check_simulated_nodes(grid, cfg, expected=nodes)
     central_dp = central_dp_of(cfg, nodes) if cfg.dp_mode == "fedavg" else None
     fraction_train = 1.0 if central_dp else cfg.fraction_train  # DP: Poisson-sampled below
     # Flower's strategies draw each round's cohort with Python's `random`: seeded from the
@@ -150,7 +153,9 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
             row.update({f"val_{k}": v for k, v in metrics.items()})
             if global_round > 0 and (best is None or metrics["ndcg@10"] > best[1]):
                 best = (global_round, metrics["ndcg@10"])
-                runlog.save_best(global_round, state=trainable_state(model), cfg=cfg)
+                runlog.save_best(
+                    global_round, state=trainable_state(model), cfg=cfg, metadata=identity
+                )
         if cfg.central_eval and last and best is not None:
             # model selection on validation; the test split is read once, for the selected model
             selected, _ = runlog.load_best()
@@ -212,6 +217,45 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
     if cfg.push_model:
         push = push_model(grid, latest[0], metadata, cfg.round_timeout_s)
         runlog.append_push({"round": cfg.num_server_rounds, **push})
+
+
+def check_simulated_nodes(
+    grid: Grid, cfg: Config, *, expected: int, settle_s: float = 3.0, wait_s: float = 30.0
+) -> None:
+    """A simulated federation must have one node per partition: fail at once, naming the
+    setting to change, instead of waiting forever for nodes that will never come.
+
+    Simulated nodes register when the run starts; the count is read once it stops changing.
+    """
+    count, since, start = -1, time.monotonic(), time.monotonic()
+    while True:
+        now_count = len(grid.get_node_ids())
+        if now_count == expected:
+            return
+        if now_count != count:
+            count, since = now_count, time.monotonic()
+        elif count > 0 and time.monotonic() - since >= settle_s:
+            break
+        if time.monotonic() - start >= wait_s:
+            if count == 0:
+                return  # nothing registered yet: leave the waiting to the strategy
+            break
+        time.sleep(0.2)
+    if cfg.partition == "user":
+        fix = (
+            f'partition = "user" gives every user a client of their own, {expected} nodes. '
+            f'Run it with --federation-config "num-supernodes={expected}" (fedrec-simulate '
+            f"does this for you), or set --run-config \"partition='iid' num-partitions={count}\""
+        )
+    else:
+        fix = (
+            f'num-partitions is {expected}. Set --run-config "num-partitions={count}", or '
+            f'run with --federation-config "num-supernodes={expected}"'
+        )
+    raise ValueError(
+        f"This simulated federation has {count} node(s), but {fix}. (A deployment sets "
+        "min-nodes instead and waits for its devices.)"
+    )
 
 
 def model_version(round_: int, state: dict[str, np.ndarray]) -> str:

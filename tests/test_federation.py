@@ -218,3 +218,23 @@ def test_a_run_repeats_with_its_seed(tmp_path, tiny_world):
     first = rows("a")
     random.seed(12345)  # whatever else used the global generator in between
     assert rows("b") == first
+
+
+@pytest.mark.parametrize(
+    ("changes", "fix"),
+    [
+        ({"partition": "user"}, 'num-supernodes=24"'),  # 24 users, one client each
+        ({"partition": "iid", "num_partitions": 4}, 'num-partitions=3"'),
+    ],
+)
+def test_a_simulation_with_the_wrong_node_count_fails_at_once_naming_the_fix(
+    tmp_path, tiny_world, changes, fix
+):
+    """`flwr run .` on Flower's default local federation has a handful of nodes: the ServerApp
+    says which setting to change instead of waiting forever for the rest."""
+    cfg = tiny_cfg(tmp_path, *tiny_world, **changes)
+    grid = InProcessGrid(create_client_app(cfg), num_nodes=3)
+    with pytest.raises(ValueError, match="has 3 node") as caught:
+        run_federation(grid, cfg)
+    assert fix in str(caught.value)
+    assert not (cfg.output_path / "metrics.jsonl").exists()  # failed before round 0
