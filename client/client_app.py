@@ -28,6 +28,15 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from client.faults import make_fault_mod
 from client.installed import install
+from client.node_config import (
+    BACKBONE,
+    CACHE_DIR,
+    CATALOG_PATH,
+    DATA_FORMAT,
+    DATA_PATH,
+    LEDGER_FILE,
+    STATE_DIR,
+)
 from common.config import Config
 from common.data import Catalog, UserSplit
 from common.metrics import peak_rss_mb
@@ -48,15 +57,7 @@ from common.wire import decode_weights, encode_update
 
 log = logging.getLogger(__name__)
 
-LEDGER_FILE = "privacy-ledger.json"
 PRIVATE_WEIGHT = 1  # under DP every client weighs the same; no example count is released
-CACHE_DIR = "cache"
-# node-config keys of a device (fedrec-client join writes them)
-DATA_PATH = "data-path"
-CATALOG_PATH = "catalog-path"
-DATA_FORMAT = "data-format"
-STATE_DIR = "state-dir"
-BACKBONE = "backbone"
 # what the server sends along
 CATALOG_SHA256 = "catalog-sha256"
 

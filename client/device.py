@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from client.client_app import (
+from client.node_config import (
     BACKBONE,
     CACHE_DIR,
     CATALOG_PATH,
@@ -34,7 +34,6 @@ from client.client_app import (
     LEDGER_FILE,
     STATE_DIR,
 )
-from client.installed import installed_metadata
 from common import credentials
 from common.data import DataError
 from common.runtime import ConfigError, RunnerError, SuperNode, flower_env, tail
@@ -188,6 +187,8 @@ def status(state_dir: Path) -> dict:
     state_dir = state_dir.expanduser().resolve()
     if not state_dir.is_dir():
         raise ConfigError(f"{state_dir} is not a state directory.")
+    from client.installed import installed_metadata  # torch and the model: only when asked
+
     info: dict = {"state_dir": str(state_dir)}
     meta = installed_metadata(state_dir)
     info["model"] = (
@@ -211,6 +212,7 @@ def disk_bytes(path: Path) -> int:
 
 def open_recommender(args: argparse.Namespace):
     """The recommender over --model or the model installed in --state-dir."""
+    from client.installed import installed_metadata
     from client.recommender import LocalRecommender  # torch and the model: only for these
     from common.config import Config
     from common.data import load_catalog

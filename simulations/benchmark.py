@@ -28,21 +28,9 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common.config import Config
 from common.metrics import peak_rss_mb
-from common.privacy import ACCOUNTANT, COMPOSITION, UNIT
-from common.task import (
-    build_model,
-    eval_cases,
-    item_states,
-    load_data,
-    popularity_metrics,
-    train_records,
-)
-from common.train import evaluate, train
-from common.weights import load_trainable_state, trainable_state
 from simulations import report
 from simulations.report import CONFIGS, README, RESULTS, ROOT
 
@@ -54,6 +42,8 @@ SEEDS = (42, 43, 44)
 
 def popularity_row(cfg: Config) -> dict:
     """Rank by how often each item appears in the interactions before the target."""
+    from common.task import load_data, popularity_metrics
+
     start = time.perf_counter()
     dataset, splits = load_data(cfg)
     metrics = popularity_metrics(list(splits), len(dataset.catalog), "test")
@@ -63,6 +53,11 @@ def popularity_row(cfg: Config) -> dict:
 
 def central_run(cfg: Config, *, epochs: int, patience: int, name: str) -> dict:
     """One seed: train on every user's data at once, epoch by epoch; test the best epoch."""
+    # torch, the model and the trainer: imported where used, so --help answers at once
+    from common.task import build_model, eval_cases, item_states, load_data, train_records
+    from common.train import evaluate, train
+    from common.weights import load_trainable_state, trainable_state
+
     start = time.perf_counter()
     dataset, splits = load_data(cfg)
     items = item_states(cfg, dataset.catalog)
@@ -177,6 +172,8 @@ def federated_row(
         config=_config_diff(cfg),
     )
     if cfg.dp_enabled:
+        from common.privacy import ACCOUNTANT, COMPOSITION, UNIT  # opacus: slow to import
+
         row.update(
             dp_mode=cfg.dp_mode,
             dp_epsilon=max(r["epsilon"] for r in runs),
@@ -374,7 +371,6 @@ def main(argv: list[str] | None = None) -> int:
         help="where the federated runs write their models and logs",
     )
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
 
     path = args.results / QUALITY_FILE

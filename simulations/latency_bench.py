@@ -28,18 +28,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from client.recommender import LocalRecommender
 from common.config import Config
 from common.data import Catalog
 from common.metrics import peak_rss_mb
-from common.task import build_model, item_states, load_data, train_records
-from common.train import train
-from common.weights import save_model_dir, trainable_state
 from simulations import report
+
+if TYPE_CHECKING:
+    from client.recommender import LocalRecommender
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -117,6 +116,9 @@ def synthetic_catalog(n: int, seed: int = 0) -> Catalog:
 
 def ml100k_model(work: Path, cfg: Config, epochs: int) -> tuple[Path, Catalog, list, str]:
     """A model trained centrally on ML-100K's train split; its directory and test cases."""
+    from common.task import build_model, item_states, load_data, train_records
+    from common.train import train
+
     dataset, splits = load_data(cfg)
     splits = list(splits)
     model = build_model(cfg, num_items=len(dataset.catalog))
@@ -137,6 +139,8 @@ def ml100k_model(work: Path, cfg: Config, epochs: int) -> tuple[Path, Catalog, l
 
 def save(path: Path, model, cfg: Config, catalog: Catalog) -> Path:
     """A model directory the recommender accepts for this catalog."""
+    from common.weights import save_model_dir, trainable_state
+
     metadata = {
         "version": "latency-bench",
         "catalog_sha256": catalog.fingerprint(),
@@ -197,6 +201,11 @@ def measure(rec: LocalRecommender, histories: list[list[str]], repeat: int) -> d
 
 def run_catalog(name: str, work: Path, *, device: str, repeat: int, epochs: int) -> list[dict]:
     """Every row for one catalog on one device (run in a process of its own)."""
+    import torch
+
+    from client.recommender import LocalRecommender
+    from common.task import build_model, item_states
+
     cfg = Config(cache_dir=str(Config().cache_path))
     splits, note = None, "random weights (latency does not depend on them)"
     cache_s = 0.0
@@ -303,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(json.dumps(rows))
         return 0
+    import torch  # after the arguments: --help answers at once
+
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for catalog in args.catalogs.split(","):

@@ -21,10 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure  # no pyplot: no global figure state, PNG through Agg
-from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.compat.proto.summary_pb2 import Summary
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from common.metrics import finite_number as number
 from common.metrics import parse_metrics_line
@@ -450,6 +446,8 @@ def markdown_report(results: Mapping[str, Any]) -> str:
 
 def plot_metrics(rounds: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """metrics.png: training loss, HR/NDCG per round and epsilon per round."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state; lazy: ~0.5 s
+
     path = Path(path)
     fig = Figure(figsize=(15, 4.2))
     ax_loss, ax_rank, ax_eps = fig.subplots(1, 3)
@@ -503,24 +501,18 @@ def tag_of(key: str) -> str:
 
 def write_tensorboard(rounds: Sequence[Mapping[str, Any]], logdir: str | Path) -> Path:
     """Every numeric metric as a TensorBoard scalar at step = round; old event files replaced."""
+    from torch.utils.tensorboard import SummaryWriter  # lazy: torch is heavy to import
+
     logdir = Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     for old in logdir.glob("events.out.tfevents.*"):
         old.unlink()  # a regenerated report must not duplicate its curves
-    writer = EventFileWriter(str(logdir))
-    try:
-        now = time.time()
+    now = time.time()
+    with SummaryWriter(log_dir=str(logdir)) as writer:
         for row in rounds:
-            values = [
-                Summary.Value(tag=tag_of(k), simple_value=v)
-                for k, raw in row.items()
-                if k != "round" and (v := number(raw)) is not None
-            ]
-            if values:
-                event = Event(wall_time=now, step=int(row["round"]), summary=Summary(value=values))
-                writer.add_event(event)
-    finally:
-        writer.close()
+            for key, raw in row.items():
+                if key != "round" and (value := number(raw)) is not None:
+                    writer.add_scalar(tag_of(key), value, int(row["round"]), walltime=now)
     return logdir
 
 

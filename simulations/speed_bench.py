@@ -34,11 +34,7 @@ import time
 import tomllib
 from pathlib import Path
 
-import torch
-
 from common.config import Config
-from common.task import build_model, item_states, load_data, train_records
-from common.train import train
 from simulations import report
 from simulations.report import CONFIGS, README, RESULTS, ROOT
 
@@ -121,6 +117,9 @@ def baseline_epoch(rev: str, name: str, *, budget_s: float, threads: int) -> dic
 
 def sequence_epoch(cfg: Config) -> dict:
     """One epoch of the sequence trainer."""
+    from common.task import build_model, item_states, load_data, train_records
+    from common.train import train
+
     dataset, splits = load_data(cfg)
     items = item_states(cfg, dataset.catalog)  # cache built outside the timing
     model = build_model(cfg, num_items=len(dataset.catalog))
@@ -251,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-flower", action="store_true", help="no Flower-runtime pass")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
     args = parser.parse_args(argv)
+    import torch  # after the arguments: --help answers at once
+
     threads = torch.get_num_threads()
 
     epochs = []

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from client.client_app import LEDGER_FILE
 from client.device import EXIT_REFUSED
 from client.installed import installed_metadata, load_installed
+from client.node_config import LEDGER_FILE
 from common.weights import load_model_dir, trainable_state
 from simulations.loopback import LoopbackFederation
 from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
