@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from common.config import Config
+from common.files import METADATA
 from common.model import Recommender
 from common.weights import (
-    METADATA,
     ModelDirError,
     load_model_dir,
     load_trainable_state,

@@ -32,11 +32,11 @@ from typing import IO, Any
 
 import pathspec
 
+from common.files import METRICS_FILE
 from common.metrics import finite_number, parse_metrics_line
 
 FINISHED = "finished"
 COMPLETED = "finished:completed"
-METRICS_FILE = "metrics.jsonl"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 

@@ -23,12 +23,9 @@ from safetensors.numpy import save_file as save_numpy
 from torch import nn
 
 from common.config import Config
+from common.files import ADAPTER_WEIGHTS, METADATA, TRAINABLE_WEIGHTS
 from common.model import lora_config
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-TRAINABLE_WEIGHTS = "trainable.safetensors"
-METADATA = "fedrec.json"
 FORMAT_VERSION = 2  # 2: LoRA tensors named on the whole backbone, as peft loads them
 
 

@@ -33,9 +33,17 @@ from typing import Any
 
 from common import credentials
 from common.config import Config
+from common.files import (
+    FINAL_MODEL,
+    METADATA,
+    METRICS_FILE,
+    MODELS_DIR,
+    PUSH_FILE,
+    RUN_LOG,
+    SUPERLINK_LOG,
+)
 from common.runtime import (
     COMPLETED,
-    METRICS_FILE,
     ConfigError,
     FlowerCli,
     RunnerError,
@@ -60,7 +68,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedrec"
 REGISTRY = "devices.json"
 DEFAULT_PORT = 8000
-RUN_ARTIFACTS = (METRICS_FILE, "pushes.jsonl", "models", "run.log", "server.log")
+RUN_ARTIFACTS = (METRICS_FILE, PUSH_FILE, MODELS_DIR, RUN_LOG)
 # A deployed run has no simulated partitions: these differ from the simulation defaults
 DEPLOYMENT_DEFAULTS = {"min-nodes": 2, "central-eval": False, "push-model": True}
 
@@ -264,7 +272,7 @@ def run(
         port=operator_port,
         host="127.0.0.1",
         env=env,
-        log_path=home.root / "superlink.log",
+        log_path=home.root / SUPERLINK_LOG,
         tls=tls,
         supernode_auth=not insecure,
         database=home.database,
@@ -301,7 +309,7 @@ def run(
         # 3. Submit, then follow: rounds from metrics.jsonl, status from `flwr list`
         run_id = cli.run(PROJECT_DIR, run_config=to_config_string(run_config))
         say(f"Run {run_id} submitted; waiting for {run_config['min-nodes']} device(s).")
-        log_path = output / "run.log"
+        log_path = output / RUN_LOG
         info = follow_and_log(
             cli,
             run_id,
@@ -336,11 +344,11 @@ def _private(path: Path) -> None:
 def _summary(output: Path, run_id: str, status: str, info: Mapping[str, Any]) -> str:
     details = str(info.get("status-details") or "")
     lines = [f"Run {run_id} ended {status}" + (f": {details}" if details != "N/A" else "")]
-    final = output / "models" / "final" / "fedrec.json"
+    final = output / MODELS_DIR / FINAL_MODEL / METADATA
     if final.exists():
         meta = json.loads(final.read_text())
         lines.append(f"Final model {meta.get('version')}: {final.parent}")
-    pushes = output / "pushes.jsonl"
+    pushes = output / PUSH_FILE
     if pushes.exists():
         for line in pushes.read_text().splitlines():
             push = json.loads(line)

@@ -9,11 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from common.config import Config
+from common.files import FINAL_MODEL, METRICS_FILE, MODELS_DIR, PUSH_FILE
 from common.weights import load_model_dir, save_model_dir
 
-METRICS_FILE = "metrics.jsonl"
-PUSH_FILE = "pushes.jsonl"  # one row per model push: version, nodes, installed, failed
-MODELS_DIR = "models"
 LATEST = "LATEST"  # text file naming the newest round directory
 BEST = "best"  # the model selected on validation (simulation with central evaluation)
 KEEP_ROUNDS = 3  # round checkpoints kept: the newest few (resume needs only the last)
@@ -86,7 +84,7 @@ class RunLog:
 
     def save_final(self, *, state, cfg: Config, metadata: dict[str, Any]) -> Path:
         """The run's final global model."""
-        return save_model_dir(self.models / "final", state=state, cfg=cfg, metadata=metadata)
+        return save_model_dir(self.models / FINAL_MODEL, state=state, cfg=cfg, metadata=metadata)
 
     def latest(self) -> tuple[int, dict, dict] | None:
         """(round, state, metadata) of the newest checkpoint, or None."""

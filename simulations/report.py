@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from common.files import METRICS_FILE
 from common.metrics import finite_number as number
 from common.metrics import parse_metrics_line
 
-METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 # where the benchmarks find their scenarios and write their results
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from common.files import MODELS_DIR, RUN_LOG, SUPERLINK_LOG
 from common.runtime import (
     COMPLETED,
     ConfigError,
@@ -87,10 +88,9 @@ RUN_ARTIFACTS = (
     report.REPORT_FILE,
     report.PLOT_FILE,
     report.TENSORBOARD_DIR,
-    "models",
-    "server.log",
-    "run.log",
-    "superlink.log",
+    MODELS_DIR,
+    RUN_LOG,
+    SUPERLINK_LOG,
     "flwr-home",
 )
 
@@ -254,12 +254,12 @@ def run_scenario(
     superlink = SuperLink(
         port=port or free_port(),
         env=env,
-        log_path=output_dir / "superlink.log",
+        log_path=output_dir / SUPERLINK_LOG,
         simulation=True,
     )
     write_flwr_config(flwr_home, connection=CONNECTION, address=superlink.address)
     cli = FlowerCli(env=env, cwd=output_dir, connection=CONNECTION)
-    log_path = output_dir / "run.log"
+    log_path = output_dir / RUN_LOG
     run_id: str | None = None
     status = "not started"
     started = time.monotonic()

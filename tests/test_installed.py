@@ -26,9 +26,8 @@ from client.device import (
     status,
 )
 from common.config import Config
+from common.files import METADATA, TRAINABLE_WEIGHTS
 from common.weights import (
-    METADATA,
-    TRAINABLE_WEIGHTS,
     ModelDirError,
     load_model_dir,
     trainable_state,

@@ -7,8 +7,8 @@ import torch
 from peft import PeftModel
 
 from common.backbone import mean_pool
+from common.files import ADAPTER_CONFIG
 from common.weights import (
-    ADAPTER_CONFIG,
     load_model_dir,
     load_trainable_state,
     save_model_dir,
