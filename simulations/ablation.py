@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         default=CONFIGS / "bench-fed.toml",
         help="the scenario the variants change (default: bench-fed.toml)",
     )
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the directory results go to")
     parser.add_argument(
         "--table-only", action="store_true", help="rewrite the markdown from the results file"
     )
@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row))
         return 0
 
+    if args.results.exists() and not args.results.is_dir():
+        parser.error(f"--results {args.results} is a file; give the directory results go to.")
     path = args.results / (args.variants.stem.replace("-", "_") + ".json")
     done = {r["name"]: r for r in json.loads(path.read_text())} if path.exists() else {}
     if args.table_only:
@@ -135,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode != 0:
             print(f"variant {name} failed (exit {proc.returncode})", flush=True)
             return
+        # another runner may have written rows since this one started: keep them
+        if path.exists():
+            done.update({r["name"]: r for r in json.loads(path.read_text())})
         done[name] = json.loads(out.strip().splitlines()[-1])
         rows = [done[n] for n in variants if n in done]
         report.write_results(path, rows, markdown(rows, args.rounds))

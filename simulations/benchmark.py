@@ -418,7 +418,10 @@ def main(argv: list[str] | None = None) -> int:
         if not wanted(name):
             continue
         print(f"\n== {name}", flush=True)
-        rows[name] = job()
+        row = job()
+        if path.exists():  # another benchmark process may have written rows meanwhile
+            rows.update({r["name"]: r for r in json.loads(path.read_text())})
+        rows[name] = row
         print(json.dumps({k: rows[name][k] for k in (*METRICS, "ndcg@10_std", "wall_s")}))
         write_results(list(rows.values()), args.results)  # after every row: nothing is lost
     print("\n" + markdown_table(list(rows.values())))
