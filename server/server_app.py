@@ -131,66 +131,21 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
     )
 
     # 5. After each round: central evaluation (simulation), checkpoint, metrics row
-    valid_cases, test_cases = eval_cases(list(splits), "valid"), eval_cases(list(splits), "test")
+    book = RoundBook(
+        cfg=cfg,
+        grid=grid,
+        runlog=runlog,
+        model=model,
+        items=items,
+        splits=list(splits),
+        num_items=len(catalog),
+        identity=identity,
+        strategy=strategy,
+        central_dp=central_dp,
+        done=done,
+        remaining=remaining,
+    )
     sent = {"catalog-sha256": identity["catalog_sha256"]}  # a device checks its catalog
-    start = time.perf_counter()
-    last_end = [start]
-    latest: list[ArrayRecord] = []  # the global model after the newest round
-    best = runlog.best_validation()  # (round, val NDCG@10) of the model selected so far
-
-    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        nonlocal best
-        global_round = done + server_round
-        latest[:] = [arrays]
-        load_trainable_state(model, from_arrays(arrays))
-        row: dict[str, object] = {"round": global_round}
-        last = server_round == remaining
-        if cfg.central_eval and global_round == 0:  # the baseline to beat, on the same users
-            baseline = popularity_metrics(list(splits), len(catalog), "valid")
-            row["popularity_val_ndcg@10"] = baseline["ndcg@10"]
-        if cfg.central_eval and (global_round % cfg.evaluate_every == 0 or last):
-            metrics, _ = evaluate(model=model, cfg=cfg, items=items, cases=valid_cases)
-            row.update({f"val_{k}": v for k, v in metrics.items()})
-            if global_round > 0 and (best is None or metrics["ndcg@10"] > best[1]):
-                best = (global_round, metrics["ndcg@10"])
-                runlog.save_best(
-                    global_round, state=trainable_state(model), cfg=cfg, metadata=identity
-                )
-        if cfg.central_eval and last and best is not None:
-            # model selection on validation; the test split is read once, for the selected model
-            selected, _ = runlog.load_best()
-            load_trainable_state(model, selected)
-            metrics, _ = evaluate(model=model, cfg=cfg, items=items, cases=test_cases)
-            row.update({f"test_{k}": v for k, v in metrics.items()})
-            row.update(best_round=best[0], best_val_ndcg10=best[1])
-            load_trainable_state(model, from_arrays(arrays))
-        stats = strategy.stats.get(server_round)
-        if stats is not None:
-            row.update(_stats_row(stats))
-        privacy = privacy_terms(cfg, central_dp, global_round)
-        row.update(privacy)
-        row["server_peak_rss_mb"] = peak_rss_mb()
-        now = time.perf_counter()
-        row["elapsed_s"] = now - start
-        row["round_s"] = now - last_end[0]
-        last_end[0] = now
-        if server_round > 0:
-            state = trainable_state(model)
-            metadata = {
-                **identity,
-                "version": model_version(global_round, state),
-                "metrics": row,
-                "privacy": privacy,
-            }
-            runlog.save_round(global_round, state=state, cfg=cfg, metadata=metadata)
-            due = cfg.push_every and global_round % cfg.push_every == 0
-            if cfg.push_model and due and server_round < remaining:
-                push = push_model(grid, arrays, metadata, cfg.round_timeout_s)
-                runlog.append_push({"round": global_round, **push})
-                row["push_installed"] = len(push["installed"])
-        runlog.append_metrics(row)
-        return MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float)})
-
     strategy.start(
         grid=grid,
         initial_arrays=to_arrays(trainable_state(model)),
@@ -198,11 +153,11 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         timeout=cfg.round_timeout_s,
         train_config=ConfigRecord(sent),
         evaluate_config=ConfigRecord({"split": "valid", **sent}),
-        evaluate_fn=after_round if not done else _skip_round_zero(after_round),
+        evaluate_fn=book.after_round,
     )
 
     # 6. The final model (unchanged when no client could train, e.g. every budget spent)
-    load_trainable_state(model, from_arrays(latest[0]))
+    load_trainable_state(model, from_arrays(book.latest))
     state = trainable_state(model)
     metadata = {
         **identity,
@@ -215,7 +170,7 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
 
     # 7. Model push: every connected device installs the final model
     if cfg.push_model:
-        push = push_model(grid, latest[0], metadata, cfg.round_timeout_s)
+        push = push_model(grid, book.latest, metadata, cfg.round_timeout_s)
         runlog.append_push({"round": cfg.num_server_rounds, **push})
 
 
@@ -309,9 +264,117 @@ def push_model(
 app = create_app()
 
 
-def _skip_round_zero(fn):
-    """When resuming, round 0 is the checkpoint: already evaluated and logged."""
-    return lambda server_round, arrays: None if server_round == 0 else fn(server_round, arrays)
+class RoundBook:
+    """The ServerApp's bookkeeping after each round, with its state explicit: the newest global
+    model, the model selected on validation so far and the round clock.
+
+    Flower calls `after_round` (the strategy's evaluate_fn) with round 0 (the initial model)
+    and after every round: central evaluation on validation (simulation), model selection,
+    the single test of the selected model after the last round, checkpoint, pushes and the
+    metrics row.
+    """
+
+    def __init__(
+        self,
+        *,
+        cfg: Config,
+        grid: Grid,
+        runlog: RunLog,
+        model,
+        items,
+        splits: list,
+        num_items: int,
+        identity: dict[str, Any],
+        strategy,
+        central_dp: CentralDP | None,
+        done: int,
+        remaining: int,
+    ):
+        self.cfg, self.grid, self.runlog, self.model, self.items = cfg, grid, runlog, model, items
+        self.splits, self.num_items, self.identity = splits, num_items, identity
+        self.strategy, self.central_dp = strategy, central_dp
+        self.done, self.remaining = done, remaining  # rounds before this run, rounds in it
+        self.valid_cases, self.test_cases = eval_cases(splits, "valid"), eval_cases(splits, "test")
+        self.latest: ArrayRecord | None = None  # the global model after the newest round
+        self.best = runlog.best_validation()  # (round, val NDCG@10) of the model selected
+        self.start = self.last_end = time.perf_counter()
+
+    def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        self.latest = arrays
+        if server_round == 0 and self.done:
+            return None  # resuming: round 0 is the checkpoint, already evaluated and logged
+        cfg, model = self.cfg, self.model
+        global_round = self.done + server_round
+        last = server_round == self.remaining
+        load_trainable_state(model, from_arrays(arrays))
+        row: dict[str, object] = {"round": global_round}
+        if cfg.central_eval and global_round == 0:  # the baseline to beat, on the same users
+            baseline = popularity_metrics(self.splits, self.num_items, "valid")
+            row["popularity_val_ndcg@10"] = baseline["ndcg@10"]
+        if cfg.central_eval and (global_round % cfg.evaluate_every == 0 or last):
+            self._validate(global_round, row)
+        if cfg.central_eval and last and self.best is not None:
+            self._test_selected(row)
+            load_trainable_state(model, from_arrays(arrays))
+        stats = self.strategy.stats.get(server_round)
+        if stats is not None:
+            row.update(_stats_row(stats))
+        privacy = privacy_terms(cfg, self.central_dp, global_round)
+        row.update(privacy)
+        row["server_peak_rss_mb"] = peak_rss_mb()
+        now = time.perf_counter()
+        row["elapsed_s"], row["round_s"] = now - self.start, now - self.last_end
+        self.last_end = now
+        if server_round > 0:
+            self._checkpoint(
+                global_round, arrays, row, privacy, pushing=server_round < self.remaining
+            )
+        self.runlog.append_metrics(row)
+        return MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float)})
+
+    def _validate(self, global_round: int, row: dict[str, object]) -> None:
+        metrics, _ = evaluate(
+            model=self.model, cfg=self.cfg, items=self.items, cases=self.valid_cases
+        )
+        row.update({f"val_{k}": v for k, v in metrics.items()})
+        if global_round > 0 and (self.best is None or metrics["ndcg@10"] > self.best[1]):
+            self.best = (global_round, metrics["ndcg@10"])
+            state = trainable_state(self.model)
+            self.runlog.save_best(global_round, state=state, cfg=self.cfg, metadata=self.identity)
+
+    def _test_selected(self, row: dict[str, object]) -> None:
+        """Model selection on validation; the test split is read once, for the selected model."""
+        selected, _ = self.runlog.load_best()
+        load_trainable_state(self.model, selected)
+        metrics, _ = evaluate(
+            model=self.model, cfg=self.cfg, items=self.items, cases=self.test_cases
+        )
+        row.update({f"test_{k}": v for k, v in metrics.items()})
+        row.update(best_round=self.best[0], best_val_ndcg10=self.best[1])
+
+    def _checkpoint(
+        self,
+        global_round: int,
+        arrays: ArrayRecord,
+        row: dict[str, object],
+        privacy: dict[str, object],
+        *,
+        pushing: bool,
+    ) -> None:
+        cfg = self.cfg
+        state = trainable_state(self.model)
+        metadata = {
+            **self.identity,
+            "version": model_version(global_round, state),
+            "metrics": row,
+            "privacy": privacy,
+        }
+        self.runlog.save_round(global_round, state=state, cfg=cfg, metadata=metadata)
+        due = cfg.push_every and global_round % cfg.push_every == 0
+        if cfg.push_model and due and pushing:
+            push = push_model(self.grid, arrays, metadata, cfg.round_timeout_s)
+            self.runlog.append_push({"round": global_round, **push})
+            row["push_installed"] = len(push["installed"])
 
 
 def _stats_row(stats) -> dict[str, object]:
