@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -120,7 +122,11 @@ def encode_items(
     states = torch.zeros((n, width) if k == 0 else (n, tokens, width))
     masks = torch.zeros(n, tokens, dtype=torch.bool)
     order = sorted(range(n), key=lambda i: lengths[i])
-    for start in range(0, n, batch_size):
+    # a progress bar where someone watches (a terminal); logs get the start and end lines
+    batches = tqdm(
+        range(0, n, batch_size), desc="Encoding items", unit="batch", disable=None, leave=False
+    )
+    for start in batches:
         rows = order[start : start + batch_size]
         batch = backbone.tokenizer(
             [texts[i] for i in rows],
@@ -172,12 +178,19 @@ def cached_item_states(
         except CacheError as exc:
             log.warning("%s Computing the catalog's item states again.", exc)
     log.info("Encoding %d catalog items with the frozen backbone (k=%d)...", len(texts), k)
+    began = time.perf_counter()
     items = encode_items(backbone, texts, k=k, max_tokens=max_tokens)
+    log.info(
+        "Encoded %d items in %.0f s; cached in %s", len(texts), time.perf_counter() - began, path
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     save_file({"states": items.states.contiguous(), "mask": items.mask.contiguous()}, tmp)
     os.replace(tmp, path)  # atomic: concurrent builders write the same bytes
+    log.info(
+        "Encoded %d items in %.0f s, cached in %s", len(texts), time.perf_counter() - began, path
+    )
     return items
 
 
