@@ -137,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode != 0:
             print(f"variant {name} failed (exit {proc.returncode})", flush=True)
             return
-        # another runner may have written rows since this one started: keep them
+        # another runner may have written rows (and variants added) since this one started
         if path.exists():
             done.update({r["name"]: r for r in json.loads(path.read_text())})
         done[name] = json.loads(out.strip().splitlines()[-1])
-        rows = [done[n] for n in variants if n in done]
+        order = list(tomllib.loads(args.variants.read_text()))
+        rows = [done[n] for n in order if n in done]
         report.write_results(path, rows, markdown(rows, args.rounds))
         print(f"{name}: val NDCG@10 {done[name]['val_ndcg@10_final']:.4f}", flush=True)
 
