@@ -36,6 +36,7 @@ from client.node_config import (
 )
 from common import credentials
 from common.data import DataError
+from common.extras import require
 from common.runtime import ConfigError, RunnerError, SuperNode, flower_env, tail
 
 # flower-supernode exits 1 and logs "Exit Code: 305", then the reason, when it cannot connect
@@ -264,6 +265,7 @@ def recommend(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """Run the HTTP service until stopped."""
+    require("serve", "fastapi", "uvicorn", what="fedrec-client serve")
     import uvicorn
 
     from client.service import create_service, service_token
@@ -363,7 +365,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "--quantize",
             default="none",
             choices=("none", "int8"),
-            help="dynamic int8 (PyTorch on CPU; slower here, see the README)",
+            help="dynamic int8 (PyTorch on CPU; slower here, see docs/serving.md)",
         )
         cmd.add_argument("--backbone", help="path of the backbone (default: the model's)")
         if name == "recommend":

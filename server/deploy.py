@@ -33,6 +33,7 @@ from typing import Any
 
 from common import credentials
 from common.config import Config
+from common.extras import require
 from common.files import (
     FINAL_MODEL,
     METADATA,
@@ -62,7 +63,6 @@ from common.runtime import (
     uninterrupted,
     write_flwr_config,
 )
-from server.gate import start_gate
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedrec"
@@ -251,6 +251,7 @@ def run(
     operator_port (default port + 1), for this process, the `flwr` CLI and the ServerApp.
     """
     # 1. Configuration and output directory, checked before anything starts
+    require("server", "uvicorn", "httpx", "starlette", what="fedrec-server run")
     output = output.expanduser().resolve()
     run_config = {**run_config, "output-dir": str(output)}
     check_output_dir(output, PROJECT_DIR)
@@ -290,6 +291,8 @@ def run(
         superlink.start()
         _private(home.database)
         home.live.write_text(json.dumps({"pid": superlink.pid, "address": superlink.address}))
+        from server.gate import start_gate  # uvicorn and httpx: the server extra
+
         gate = start_gate(host=host, port=port, upstream_port=operator_port, tls=tls)
         mode = "insecure (no TLS, no device authentication)" if insecure else "TLS, device auth"
         say(

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from common.extras import require
 from common.files import MODELS_DIR, RUN_LOG, SUPERLINK_LOG
 from common.runtime import (
     COMPLETED,
@@ -232,6 +233,7 @@ def run_scenario(
         print(text, file=stream, flush=True)
 
     # 1. Configuration, checked before anything starts
+    require("sim", "ray", "matplotlib", "tensorboard", what="fedrec-simulate")
     project_dir = Path(project_dir).resolve()
     defaults = app_defaults(project_dir)
     overrides = {**scenario.run, **(run_overrides or {})}

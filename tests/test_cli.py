@@ -38,3 +38,19 @@ def test_help_answers_without_the_heavy_imports(script):
     usage, result = done.stdout.rsplit("\n", 2)[0], done.stdout.strip().splitlines()[-1]
     assert "usage:" in usage
     assert result == '{"code": 0, "heavy": []}', f"{script} --help imported {result}"
+
+
+def test_a_command_without_its_extra_names_the_install_command(monkeypatch, tmp_path, capsys):
+    """A device installs the base package; `serve` needs the serve extra and says so."""
+    import importlib.util
+
+    from client import device
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a)
+    )
+    code = device.main(["serve", "--model", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "fedrec-client serve needs fastapi" in err and "pip install 'fedrec[serve]'" in err
