@@ -398,6 +398,34 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+def reference_markdown() -> str:
+    """docs/config.md: every key with its type, default and help, from Config itself
+    (tests/test_config.py fails when the file differs; `python -m common.config > docs/config.md`
+    rewrites it)."""
+    hints = {f.name: f.type for f in fields(Config)}
+    lines = [
+        "# Configuration reference",
+        "",
+        "Every key of a run config: `[tool.flwr.app.config]` in `pyproject.toml` (the defaults),",
+        'a scenario\'s `[run]` table, `--run-config "key=value ..."` and `server/deploy.toml`.',
+        "Generated from `common/config.py` (`python -m common.config > docs/config.md`); a test",
+        'keeps the two equal. Cross-field rules (for example `partition = "iid"` needs',
+        "`num-partitions`) are checked when a run starts, with an error naming the keys.",
+        "",
+        "| key | type | default | what |",
+        "| --- | --- | --- | --- |",
+    ]
+    for f in fields(Config):
+        kind = str(hints[f.name]).replace("'", "")
+        default = f.default if f.default is not dataclasses.MISSING else ""
+        shown = f'`"{default}"`' if isinstance(default, str) else f"`{default}`"
+        if isinstance(default, bool):
+            shown = f"`{str(default).lower()}`"
+        text = f.metadata.get("help", "").replace("|", "\\|")
+        lines.append(f"| `{key_of(f.name)}` | {kind} | {shown} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
 def key_of(field_name: str) -> str:
     """The config key of a Config field (``adapter_k`` -> ``adapter-k``)."""
     return field_name.replace("_", "-")
@@ -421,3 +449,7 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     if not isinstance(value, str):
         raise ValueError(f"{key} must be a string, got {value!r}.")
     return value
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

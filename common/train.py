@@ -499,7 +499,7 @@ def _make_private(model, optimizer, loader, *, privacy: PrivacySettings, steps: 
             "cumulative)"
         )
     # Opacus warns that its secure_mode (torchcsprng) is off; the noise still comes from a
-    # generator seeded from the OS's entropy, not from the run seed (README, Privacy).
+    # generator seeded from the OS's entropy, not from the run seed (docs/privacy.md).
     engine = PrivacyEngine(accountant=ACCOUNTANT)
     dp_model, dp_optimizer, dp_loader = engine.make_private(
         module=model,

@@ -13,7 +13,8 @@ split once, for that model; a row reports the mean and standard deviation over i
   round with the best validation NDCG@10 and tests it after the last round.
 
 Results: `quality_ml100k.json` (one row per model, per-seed values inside), `quality_ml100k.md`
-(the table) and the README's results block between its `<!-- results:quality -->` markers.
+(the table), its block in docs/results.md (`<!-- results:quality -->` markers) and the
+README's headline table (`<!-- results:headline -->`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from simulations.report import CONFIGS, README, RESULTS, ROOT
 
 QUALITY_FILE = "quality_ml100k.json"
 MARK_BEGIN, MARK_END = "<!-- results:quality -->", "<!-- /results:quality -->"
+HEADLINE_BEGIN, HEADLINE_END = "<!-- results:headline -->", "<!-- /results:headline -->"
 METRICS = ("hr@10", "ndcg@10", "mrr@10")
 SEEDS = (42, 43, 44)
 
@@ -261,7 +263,7 @@ def _config_diff(cfg: Config) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The results table, as the README shows it."""
+    """The whole results table, as docs/results.md shows it."""
     lines = [
         "| model | federated | DP (ε, δ, unit) | k | seeds | rounds | HR@10 | NDCG@10 | MRR@10 "
         "| s/round | bytes/client/round | peak RSS MB | wall per seed |",
@@ -282,6 +284,27 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {_fmt(r.get('bytes_per_client_per_round'), '{:,.0f}')} "
             f"| {_peak(r)} "
             f"| {_fmt(r.get('wall_s'), '{:.0f} s')} |"
+        )
+    return "\n".join(lines)
+
+
+def headline_table(rows: list[dict]) -> str:
+    """The README's short table: what each row is and its test NDCG@10 and HR@10."""
+    lines = [
+        "| model | trained | privacy | seeds | test NDCG@10 | test HR@10 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        trained = "—" if r["name"] == "popularity" else _federated(r)
+        if trained == "no":
+            trained = "centrally"
+        privacy = (
+            f"user-level ε = {r['dp_epsilon']:.0f}" if r.get("dp_epsilon") is not None else "none"
+        )
+        seeds = len(r.get("seeds") or []) if r.get("seeds") != [None] else "—"
+        lines.append(
+            f"| {r['name']} | {trained} | {privacy} | {seeds} "
+            f"| {_pm(r, 'ndcg@10')} | {_pm(r, 'hr@10')} |"
         )
     return "\n".join(lines)
 
@@ -309,7 +332,7 @@ def _fmt(value, pattern: str) -> str:
 
 
 def write_results(rows: list[dict], results_dir: Path, readme: Path = README) -> None:
-    """The JSON rows, the markdown table and the README's results block."""
+    """The JSON rows, the markdown table, its block in the docs and the README's headline."""
     report.write_results(
         results_dir / QUALITY_FILE,
         rows,
@@ -318,6 +341,7 @@ def write_results(rows: list[dict], results_dir: Path, readme: Path = README) ->
         begin=MARK_BEGIN,
         end=MARK_END,
     )
+    report.replace_block(readme, HEADLINE_BEGIN, HEADLINE_END, headline_table(rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--table-only",
         action="store_true",
-        help="rewrite the markdown table and README block from the results file; run nothing",
+        help="rewrite the markdown tables (docs, README) from the results file; run nothing",
     )
     parser.add_argument(
         "--results", type=Path, default=RESULTS, help=f"where results go (default: {RESULTS})"

@@ -10,7 +10,7 @@ MovieLens-100K users as devices, each holding one user's interactions. It measur
   SuperExec and the ClientApp of the moment), sampled every 0.2 s, and the ClientApp's own peak;
 - each device's disk: state directory (cache, installed model, ledger) and the app bundle.
 
-Writes simulations/results/deploy.json and deploy.md, and the README block between
+Writes simulations/results/deploy.json and deploy.md, and the docs/deploying.md block between
 <!-- results:deploy --> markers.
 """
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--table-only",
         action="store_true",
-        help="rewrite deploy.md and the README block from deploy.json",
+        help="rewrite deploy.md and the docs block from deploy.json",
     )
     args = parser.parse_args(argv)
     if args.table_only:

@@ -14,7 +14,7 @@ on the GPU when one is available:
   PyTorch with dynamic int8, to show what each costs.
 
 Writes simulations/results/latency.json (one row per catalog, device and variant) and
-latency.md, and the README block between <!-- results:latency --> markers.
+latency.md, and the docs/serving.md block between <!-- results:latency --> markers.
 """
 
 from __future__ import annotations

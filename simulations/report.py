@@ -70,16 +70,19 @@ def write_results(
 
 
 def replace_block(path: Path, begin: str, end: str, text: str) -> bool:
-    """Put text between the begin and end markers of a file (a README's results block)."""
-    if not path.exists():
-        return False
-    content = path.read_text(encoding="utf-8")
-    if begin not in content or end not in content:
-        return False
-    head, rest = content.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}", encoding="utf-8")
-    return True
+    """Put text between the begin and end markers of a README, or of the docs/*.md beside it
+    that holds them (a results block); False when no file has the markers."""
+    for candidate in (path, *sorted(path.parent.glob("docs/*.md"))):
+        if not candidate.exists():
+            continue
+        content = candidate.read_text(encoding="utf-8")
+        if begin not in content or end not in content:
+            continue
+        head, rest = content.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        candidate.write_text(f"{head}{begin}\n{text}\n{end}{tail}", encoding="utf-8")
+        return True
+    return False
 
 
 # --- reading ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ a federated pass costs against a central epoch, measured side by side in one run
    The difference between the two federated timings is what Flower's runtime costs. The same
    pass of the k = 1 scenario (simulations/configs/bench-fed-k1.toml) runs in-process.
 
-Writes simulations/results/speed.json, speed.md and the README block between
+Writes simulations/results/speed.json, speed.md and the docs/results.md block between
 <!-- results:speed --> markers.
 """
 
@@ -192,7 +192,7 @@ def federated_pass(scenario: Path, *, flower: bool, work: Path) -> dict:
 
 
 def markdown(result: dict) -> str:
-    """The README block: three small tables."""
+    """The docs/results.md block: three small tables."""
     lines = [
         "| trainer | k | predicted interactions / s | s / epoch |",
         "| --- | --- | --- | --- |",

@@ -5,10 +5,13 @@ import json
 import pytest
 
 from simulations.benchmark import (
+    HEADLINE_BEGIN,
+    HEADLINE_END,
     MARK_BEGIN,
     MARK_END,
     QUALITY_FILE,
     _row,
+    headline_table,
     markdown_table,
     write_results,
 )
@@ -58,11 +61,19 @@ def test_results_file_table_and_readme_block(tmp_path):
             "dp_unit": "user",
         },
     ]
+    # as in the repository: the README holds the headline, docs/results.md the whole table
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{MARK_BEGIN}\nold\n{MARK_END}\noutro\n")
+    readme.write_text(f"top\n{HEADLINE_BEGIN}\nold\n{HEADLINE_END}\nend\n")
+    (tmp_path / "docs").mkdir()
+    results_doc = tmp_path / "docs" / "results.md"
+    results_doc.write_text(f"intro\n{MARK_BEGIN}\nold\n{MARK_END}\noutro\n")
     write_results(rows, tmp_path / "results", readme)
     assert json.loads((tmp_path / "results" / QUALITY_FILE).read_text()) == rows
-    text = readme.read_text()
+    headline = readme.read_text()
+    assert "old" not in headline and headline_table(rows) in headline
+    assert "| popularity | — | none | — | 0.0439 |" in headline
+    assert "| fed-dp | yes, in-process | user-level ε = 8 | 1 |" in headline
+    text = results_doc.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
     assert markdown_table(rows) in text
     assert "| popularity | no | off | — | — | — | 0.0878 | 0.0439 | 0.0220 |" in text

@@ -51,3 +51,15 @@ def test_central_benchmark_configs_are_valid():
     configs = PYPROJECT.parent / "simulations" / "configs"
     for name in ("bench-central.toml", "bench-central-k1.toml"):
         assert isinstance(Config.from_toml(configs / name), Config)
+
+
+def test_the_config_reference_in_docs_is_current():
+    """docs/config.md is generated from Config's fields and help: a changed key, default or
+    help text must be regenerated (`python -m common.config > docs/config.md`)."""
+    from dataclasses import fields
+
+    from common.config import key_of, reference_markdown
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+    assert doc.read_text(encoding="utf-8") == reference_markdown()
+    assert all(f"`{key_of(f.name)}`" in reference_markdown() for f in fields(Config))
