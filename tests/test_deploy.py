@@ -18,7 +18,7 @@ from client.installed import installed_metadata, load_installed
 from client.node_config import LEDGER_FILE
 from common.weights import load_model_dir, trainable_state
 from simulations.loopback import LoopbackFederation
-from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
+from tests.fixtures import make_synthetic_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -57,10 +57,10 @@ def split_users(data: Path, out: Path, names: list[str]) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("world")
     return {
-        "backbone": make_tiny_backbone(root / "bert"),
+        "backbone": tiny_backbone,
         "data": make_synthetic_dataset(root / "data", num_users=12, num_items=24),
     }
 

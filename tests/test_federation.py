@@ -16,15 +16,15 @@ from common.wire import update_shape
 from server.server_app import create_app as create_server_app
 from server.server_app import run_federation
 from simulations.inprocess import InProcessGrid
-from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
+from tests.fixtures import make_synthetic_dataset
 
 NUM_CLIENTS = 4
 
 
 @pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
+def tiny_world(tmp_path_factory, tiny_backbone):
     root = tmp_path_factory.mktemp("world")
-    return make_tiny_backbone(root / "bert"), make_synthetic_dataset(root / "data", num_users=24)
+    return tiny_backbone, make_synthetic_dataset(root / "data", num_users=24)
 
 
 def run(cfg: Config) -> list[dict]:
@@ -61,6 +61,7 @@ def tiny_cfg(tmp_path, backbone, data, **changes) -> Config:
     return Config(**{**base, **changes})
 
 
+@pytest.mark.slow  # Flower's Ray simulation runtime
 def test_two_rounds_lower_the_loss_and_write_metrics_and_checkpoints(tmp_path, tiny_world):
     cfg = tiny_cfg(tmp_path, *tiny_world, adapter_k=1)  # LoRA in the top block of 2
     rows = run(cfg)
@@ -89,6 +90,7 @@ def test_two_rounds_lower_the_loss_and_write_metrics_and_checkpoints(tmp_path, t
     assert (cfg.output_path / "models" / "round-002" / "fedrec.json").exists()
 
 
+@pytest.mark.slow  # Flower's Ray simulation runtime
 def test_resume_continues_the_round_count(tmp_path, tiny_world):
     cfg = tiny_cfg(tmp_path, *tiny_world, num_server_rounds=1)
     run(cfg)
@@ -104,6 +106,7 @@ def private_cfg(tmp_path, tiny_world, mode: str, **changes) -> Config:
     )
 
 
+@pytest.mark.slow  # Flower's Ray simulation runtime
 def test_clients_past_their_budget_decline_and_the_round_goes_on(tmp_path, tiny_world):
     # DP-SGD with a tiny budget and fixed noise: every client declines from the first round
     # on, and the federation still completes both rounds with an unchanged model.

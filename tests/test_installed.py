@@ -32,15 +32,15 @@ from common.weights import (
     load_model_dir,
     trainable_state,
 )
-from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
+from tests.fixtures import make_synthetic_dataset
 from tests.tiny import NUM_ITEMS, tiny_config
 
 
 @pytest.fixture
-def model_and_cfg(tmp_path: Path):
+def model_and_cfg(tiny_backbone: Path):
     from common.task import build_model
 
-    cfg = tiny_config(backbone=str(make_tiny_backbone(tmp_path / "bert")))
+    cfg = tiny_config(backbone=str(tiny_backbone))
     return build_model(cfg, num_items=NUM_ITEMS), cfg
 
 
@@ -235,10 +235,10 @@ def test_recommend_names_a_corrupt_fedrec_json_of_a_model_directory(device_insta
     assert err.count("\n") == 1
 
 
-def test_a_damaged_catalog_cache_is_rebuilt_with_a_warning(tmp_path, caplog):
+def test_a_damaged_catalog_cache_is_rebuilt_with_a_warning(tmp_path, caplog, tiny_backbone):
     from common.backbone import cache_key, cached_item_states, encode_items, load_backbone
 
-    backbone = load_backbone(str(make_tiny_backbone(tmp_path / "bert")))
+    backbone = load_backbone(str(tiny_backbone))
     texts = ["space rocket", "red apple", "old film"]
     options = {"k": 0, "max_tokens": 5}
     fresh = cached_item_states(backbone, texts, "fp", **options, cache_dir=tmp_path / "cache")

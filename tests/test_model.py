@@ -293,15 +293,14 @@ def test_the_adapted_table_is_computed_once_per_global_lora():
     assert not torch.equal(train_module.adapted_table(model, items), first)  # new LoRA, new table
 
 
-def test_a_reused_model_carries_nothing_from_one_client_to_the_next(tmp_path):
+def test_a_reused_model_carries_nothing_from_one_client_to_the_next(tiny_backbone):
     from common.config import Config
     from common.task import build_model, reusable_model
     from common.weights import load_trainable_state
-    from tests.fixtures import make_tiny_backbone
     from tests.tiny import TINY_CONFIG
 
     cfg = Config(**{**TINY_CONFIG, "max_tokens": 8, "learning_rate": 0.1})
-    cfg = cfg.replace(adapter_k=1, backbone=str(make_tiny_backbone(tmp_path / "bert")))
+    cfg = cfg.replace(adapter_k=1, backbone=str(tiny_backbone))
     _, _, items, _ = tiny_setup(1)
     items = type(items)(items.states[..., :32], items.mask)  # the tiny backbone is 32 wide
     start = trainable_state(perturbed(build_model(cfg, num_items=NUM_ITEMS)))

@@ -16,18 +16,18 @@ from common.data import load_catalog
 from common.task import build_model, item_states, load_data, train_records
 from common.train import item_vectors, left_pad, train, user_vectors
 from common.weights import save_model_dir, trainable_state
-from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
+from tests.fixtures import make_synthetic_dataset
 from tests.tiny import TINY_CONFIG
 
 TINY = {**TINY_CONFIG, "max_tokens": 8, "learning_rate": 0.01}
 
 
-def trained(root: Path, **changes) -> tuple[Path, Config]:
+def trained(root: Path, backbone: Path, **changes) -> tuple[Path, Config]:
     """A tiny model trained for a few epochs on the synthetic catalog, saved to a directory."""
     cfg = Config(
         dataset="path",
         data_path=str(make_synthetic_dataset(root / "data", num_users=30)),
-        backbone=str(make_tiny_backbone(root / "bert")),
+        backbone=str(backbone),
         cache_dir=str(root / "cache"),
         **{**TINY, **changes},
     )
@@ -52,13 +52,13 @@ def trained(root: Path, **changes) -> tuple[Path, Config]:
 
 
 @pytest.fixture(scope="module")
-def with_ids(tmp_path_factory) -> tuple[Path, Config]:
-    return trained(tmp_path_factory.mktemp("with-ids"))
+def with_ids(tmp_path_factory, tiny_backbone) -> tuple[Path, Config]:
+    return trained(tmp_path_factory.mktemp("with-ids"), tiny_backbone)
 
 
 @pytest.fixture(scope="module")
-def text_only(tmp_path_factory) -> tuple[Path, Config]:
-    return trained(tmp_path_factory.mktemp("text-only"), item_id_embedding=False)
+def text_only(tmp_path_factory, tiny_backbone) -> tuple[Path, Config]:
+    return trained(tmp_path_factory.mktemp("text-only"), tiny_backbone, item_id_embedding=False)
 
 
 def catalog_of(cfg: Config):
