@@ -38,8 +38,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> tuple[Path, object]:
-    return trained(tmp_path_factory.mktemp("service"), item_id_embedding=False)
+def model(tmp_path_factory, tiny_backbone) -> tuple[Path, object]:
+    return trained(tmp_path_factory.mktemp("service"), tiny_backbone, item_id_embedding=False)
 
 
 def serving(model, state_dir: Path, *, limits: Limits = LIMITS) -> TestClient:
