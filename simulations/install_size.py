@@ -87,16 +87,22 @@ def measure(role: str, work: Path) -> dict:
     )
     return {
         "role": label,
-        "install": (
-            "pip install torch==2.13.0 && pip install "
-            + (f"'fedrec[{extra}]'" if extra else "fedrec")
-        ),
+        "install": install_command(extra),
         "site_packages_bytes": _size(Path(site)),
         "optional_present": present,
         "imports_ok": smoke_ok,
         "help_ok": help_ok,
         "install_s": seconds,
     }
+
+
+def _extra_of(label: str) -> str:
+    return next(extra for name, extra, _, _ in ROLES.values() if name == label)
+
+
+def install_command(extra: str) -> str:
+    """What a user types in a checkout (docs/deploying.md, Install)."""
+    return "pip install torch==2.13.0 && pip install " + (f"'.[{extra}]'" if extra else ".")
 
 
 def markdown(result: dict) -> str:
@@ -110,10 +116,9 @@ def markdown(result: dict) -> str:
     for r in result["roles"]:
         present = ", ".join(r["optional_present"]) or "none"
         ok = "ok" if r["imports_ok"] and r["help_ok"] else "FAILED"
-        lines.append(
-            f"| {r['role']} | `{r['install']}` | {r['site_packages_bytes'] / 2**30:.2f} GiB "
-            f"| {present} | {ok} |"
-        )
+        command = install_command(_extra_of(r["role"]))
+        size = r["site_packages_bytes"] / 2**30
+        lines.append(f"| {r['role']} | `{command}` | {size:.2f} GiB | {present} | {ok} |")
     return "\n".join(lines)
 
 
