@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -34,6 +35,8 @@ import pathspec
 
 from common.files import METRICS_FILE
 from common.metrics import finite_number, parse_metrics_line
+
+log = logging.getLogger(__name__)
 
 FINISHED = "finished"
 COMPLETED = "finished:completed"
@@ -579,7 +582,7 @@ class MetricsTail:
                 try:
                     rows.append(parse_metrics_line(line, where=f"{self.path} line"))
                 except ValueError as exc:
-                    print(f"warning: {exc}", file=sys.stderr)
+                    log.warning("Skipped a malformed metrics row: %s", exc)
         return rows
 
 

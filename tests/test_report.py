@@ -412,3 +412,14 @@ def test_flower_processes_find_this_venvs_scripts_without_activation(tmp_path: P
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     assert env["FLWR_HOME"] == str(tmp_path / "home")
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+
+
+def test_metrics_tail_skips_a_malformed_row_with_a_warning_naming_it(
+    tmp_path: Path, caplog
+) -> None:
+    path = tmp_path / report.METRICS_FILE
+    path.write_text('{"round": 1}\nnot json\n{"round": 2}\n')
+    with caplog.at_level("WARNING", logger="common.runtime"):
+        rows = runtime.MetricsTail(path).poll()
+    assert rows == [{"round": 1}, {"round": 2}]
+    assert str(path) in caplog.text and "line" in caplog.text
