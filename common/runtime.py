@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pathspec
+import psutil
 
 from common.files import METRICS_FILE
 from common.metrics import finite_number, parse_metrics_line
@@ -436,40 +437,32 @@ class SuperNode(FlowerProcess):
 
 def processes_with_env(key: str, value: str) -> list[int]:
     """Live processes (other than this one) whose environment sets key=value."""
-    marker = f"{key}={value}".encode()
     found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker in environ.read_bytes().split(b"\0"):
-                found.append(int(environ.parent.name))
-        except OSError:  # gone, or not ours to read
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
             continue
-    return [pid for pid in found if pid != os.getpid() and _alive(pid)]
-
-
-def _descendants(pid: int) -> list[int]:
-    """Process ids below pid (children, grandchildren...), from /proc; [] where unavailable."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            if proc.environ().get(key) == value and _alive(proc.pid):
+                found.append(proc.pid)
+        except (psutil.Error, OSError):  # gone, or not ours to read
             continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
     return found
 
 
-def _alive(pid: int) -> bool:
+def _descendants(pid: int) -> list[int]:
+    """Process ids below pid (children, grandchildren...); [] when pid is gone."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return state != "Z"
 
 
 def tail(path: Path, lines: int = 40) -> str:
