@@ -180,9 +180,6 @@ def cached_item_states(
     log.info("Encoding %d catalog items with the frozen backbone (k=%d)...", len(texts), k)
     began = time.perf_counter()
     items = encode_items(backbone, texts, k=k, max_tokens=max_tokens)
-    log.info(
-        "Encoded %d items in %.0f s; cached in %s", len(texts), time.perf_counter() - began, path
-    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
