@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.results.exists() and not args.results.is_dir():
         parser.error(f"--results {args.results} is a file; give the directory results go to.")
     path = args.results / (args.variants.stem.replace("-", "_") + ".json")
-    done = {r["name"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+    done = report.rows_by_name(path)
     if args.table_only:
         rows = [done[n] for n in variants if n in done]
         report.write_results(path, rows, markdown(rows, rows[0]["rounds"] if rows else 0))
@@ -138,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"variant {name} failed (exit {proc.returncode})", flush=True)
             return
         # another runner may have written rows (and variants added) since this one started
-        if path.exists():
-            done.update({r["name"]: r for r in json.loads(path.read_text())})
+        done.update(report.rows_by_name(path))
         done[name] = json.loads(out.strip().splitlines()[-1])
         order = list(tomllib.loads(args.variants.read_text()))
         rows = [done[n] for n in order if n in done]

@@ -275,10 +275,9 @@ def markdown_table(rows: list[dict]) -> str:
             if r.get("dp_epsilon") is not None
             else "off"
         )
-        seeds = len(r.get("seeds") or []) if r.get("seeds") != [None] else "—"
         lines.append(
             f"| {r['name']} | {_federated(r)} | {dp} "
-            f"| {_fmt(r.get('adapter_k'), '{}')} | {seeds} | {_fmt(r.get('rounds'), '{}')} "
+            f"| {_fmt(r.get('adapter_k'), '{}')} | {_seeds(r)} | {_fmt(r.get('rounds'), '{}')} "
             f"| {_pm(r, 'hr@10')} | {_pm(r, 'ndcg@10')} | {_pm(r, 'mrr@10')} "
             f"| {_fmt(r.get('seconds_per_round'), '{:.1f}')} "
             f"| {_fmt(r.get('bytes_per_client_per_round'), '{:,.0f}')} "
@@ -301,12 +300,16 @@ def headline_table(rows: list[dict]) -> str:
         privacy = (
             f"user-level ε = {r['dp_epsilon']:.0f}" if r.get("dp_epsilon") is not None else "none"
         )
-        seeds = len(r.get("seeds") or []) if r.get("seeds") != [None] else "—"
         lines.append(
-            f"| {r['name']} | {trained} | {privacy} | {seeds} "
+            f"| {r['name']} | {trained} | {privacy} | {_seeds(r)} "
             f"| {_pm(r, 'ndcg@10')} | {_pm(r, 'hr@10')} |"
         )
     return "\n".join(lines)
+
+
+def _seeds(row: dict) -> int | str:
+    """How many seeds a row averages ("—" for an unseeded row such as popularity)."""
+    return len(row.get("seeds") or []) if row.get("seeds") != [None] else "—"
 
 
 def _pm(row: dict, key: str) -> str:
@@ -398,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
 
     path = args.results / QUALITY_FILE
-    rows = {r["name"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+    rows = report.rows_by_name(path)
 
     if args.table_only:
         write_results(list(rows.values()), args.results)
@@ -443,8 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"\n== {name}", flush=True)
         row = job()
-        if path.exists():  # another benchmark process may have written rows meanwhile
-            rows.update({r["name"]: r for r in json.loads(path.read_text())})
+        rows.update(report.rows_by_name(path))  # another process may have written rows meanwhile
         rows[name] = row
         print(json.dumps({k: rows[name][k] for k in (*METRICS, "ndcg@10_std", "wall_s")}))
         write_results(list(rows.values()), args.results)  # after every row: nothing is lost

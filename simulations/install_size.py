@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from client.device import disk_bytes
 from simulations import report
 from simulations.report import README, RESULTS, ROOT
 
@@ -37,10 +38,6 @@ ROLES = {
 # packages a device should not carry unless it asked for them (FastAPI, uvicorn and httpx are
 # Flower's own dependencies: every role has them)
 OPTIONAL = ("ray", "matplotlib", "tensorboard", "onnx", "onnxruntime")
-
-
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def measure(role: str, work: Path) -> dict:
@@ -88,7 +85,7 @@ def measure(role: str, work: Path) -> dict:
     return {
         "role": label,
         "install": install_command(extra),
-        "site_packages_bytes": _size(Path(site)),
+        "site_packages_bytes": disk_bytes(Path(site)),
         "optional_present": present,
         "imports_ok": smoke_ok,
         "help_ok": help_ok,

@@ -69,6 +69,12 @@ def write_results(
         replace_block(readme, begin, end, table)
 
 
+def rows_by_name(path: Path) -> dict[str, dict[str, Any]]:
+    """A results file of named rows (a JSON list of objects with "name"), by name; {} when the
+    file does not exist yet."""
+    return {r["name"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+
+
 def replace_block(path: Path, begin: str, end: str, text: str) -> bool:
     """Put text between the begin and end markers of a README, or of the docs/*.md beside it
     that holds them (a results block); False when no file has the markers."""
