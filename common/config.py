@@ -385,6 +385,15 @@ class Config:
             data = tomllib.load(fh)
         return cls.from_mapping(data.get(table, {}))
 
+    @classmethod
+    def checked(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """`values` (some keys) validated as a whole config, defaults filled in, and returned
+        coerced to the keys' types (an int given for a float key becomes a float); raises
+        ValueError naming the key. The one validator of run configs: scenarios, deploy.toml,
+        --run-config and the apps all come through here."""
+        config = cls.from_mapping(values).to_mapping()
+        return {key: config[key] for key in values}
+
     def merged(self, overrides: Mapping[str, Any]) -> Config:
         """This config with `overrides` (e.g. Flower's run_config) applied on top."""
         return Config.from_mapping({**self.to_mapping(), **overrides})

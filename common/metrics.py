@@ -1,8 +1,7 @@
-"""Full-ranking metrics (HR@K, NDCG@K, MRR@K) in numpy, and reading metrics rows."""
+"""Full-ranking metrics (HR@K, NDCG@K, MRR@K) in numpy, and small measuring helpers."""
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import sys
@@ -49,14 +48,3 @@ def finite_number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
-
-
-def parse_metrics_line(line: str, *, where: str = "metrics line") -> dict[str, Any]:
-    """One metrics.jsonl line as a dict; a line that is not a JSON object raises ValueError."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where} is not valid JSON ({exc.msg}): {line[:80]!r}") from None
-    if not isinstance(row, dict):
-        raise ValueError(f"{where} must be a JSON object, got {type(row).__name__}.")
-    return row

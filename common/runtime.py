@@ -35,7 +35,8 @@ import pathspec
 import psutil
 
 from common.files import METRICS_FILE
-from common.metrics import finite_number, parse_metrics_line
+from common.metrics import finite_number
+from common.rounds import parse_row
 
 log = logging.getLogger(__name__)
 
@@ -573,7 +574,7 @@ class MetricsTail:
         for line in chunk[:end].decode("utf-8").splitlines():
             if line.strip():
                 try:
-                    rows.append(parse_metrics_line(line, where=f"{self.path} line"))
+                    rows.append(parse_row(line, where=f"{self.path} line"))
                 except ValueError as exc:
                     log.warning("Skipped a malformed metrics row: %s", exc)
         return rows

@@ -52,7 +52,6 @@ from common.runtime import (
     Tls,
     app_defaults,
     check_output_dir,
-    check_run_config,
     flatten,
     flower_env,
     follow_and_log,
@@ -222,12 +221,10 @@ def load_run_config(path: Path | None, overrides: Mapping[str, Any]) -> dict[str
             raise ConfigError(f"{path}: only a [run] table is allowed, found {unknown}.")
         values.update(flatten(data.get("run", {})))
     values.update(overrides)
-    values = check_run_config(values, app_defaults(PROJECT_DIR))
     try:
-        Config.from_mapping(values)
+        return Config.checked(values)
     except ValueError as exc:
         raise ConfigError(f"Invalid run config: {exc}") from None
-    return values
 
 
 def run(

@@ -10,6 +10,7 @@ from typing import Any
 
 from common.config import Config
 from common.files import FINAL_MODEL, METRICS_FILE, MODELS_DIR, PUSH_FILE
+from common.rounds import RoundRow, check_row
 from common.weights import load_model_dir, save_model_dir
 
 LATEST = "LATEST"  # text file naming the newest round directory
@@ -25,11 +26,12 @@ class RunLog:
         self.models = self.root / MODELS_DIR
         self.models.mkdir(parents=True, exist_ok=True)
 
-    def append_metrics(self, row: dict[str, Any]) -> None:
-        """Append one round's row (NaN/inf written as null)."""
+    def append_metrics(self, row: RoundRow) -> None:
+        """Append one round's row (NaN/inf written as null); a key that RoundRow does not
+        declare raises ValueError."""
         clean = {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in row.items()
+            for k, v in check_row(dict(row)).items()
         }
         with open(self.root / METRICS_FILE, "a") as fh:
             fh.write(json.dumps(clean, sort_keys=True) + "\n")

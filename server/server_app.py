@@ -16,6 +16,7 @@ from common.backbone import load_backbone
 from common.config import Config
 from common.metrics import peak_rss_mb
 from common.privacy import calibrated_noise, fedavg_epsilon, guarantee
+from common.rounds import RoundRow
 from common.task import (
     build_model,
     eval_cases,
@@ -33,6 +34,7 @@ from common.weights import (
     to_arrays,
     trainable_state,
 )
+from server.grid import PromptGrid
 from server.runlog import RunLog
 from server.strategy import (
     CLIENT_TIMES,
@@ -52,7 +54,8 @@ def create_app(base: Config | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, (base or Config()).merged(context.run_config), run_id=context.run_id)
+        cfg = (base or Config()).merged(context.run_config)
+        run_federation(PromptGrid(grid), cfg, run_id=context.run_id)
 
     return app
 
@@ -307,7 +310,7 @@ class RoundBook:
         global_round = self.done + server_round
         last = server_round == self.remaining
         load_trainable_state(model, from_arrays(arrays))
-        row: dict[str, object] = {"round": global_round}
+        row: RoundRow = {"round": global_round}
         if cfg.central_eval and global_round == 0:  # the baseline to beat, on the same users
             baseline = popularity_metrics(self.splits, self.num_items, "valid")
             row["popularity_val_ndcg@10"] = baseline["ndcg@10"]
@@ -332,7 +335,7 @@ class RoundBook:
         self.runlog.append_metrics(row)
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float)})
 
-    def _validate(self, global_round: int, row: dict[str, object]) -> None:
+    def _validate(self, global_round: int, row: RoundRow) -> None:
         metrics, _ = evaluate(
             model=self.model, cfg=self.cfg, items=self.items, cases=self.valid_cases
         )
@@ -342,7 +345,7 @@ class RoundBook:
             state = trainable_state(self.model)
             self.runlog.save_best(global_round, state=state, cfg=self.cfg, metadata=self.identity)
 
-    def _test_selected(self, row: dict[str, object]) -> None:
+    def _test_selected(self, row: RoundRow) -> None:
         """Model selection on validation; the test split is read once, for the selected model."""
         selected, _ = self.runlog.load_best()
         load_trainable_state(self.model, selected)
@@ -356,7 +359,7 @@ class RoundBook:
         self,
         global_round: int,
         arrays: ArrayRecord,
-        row: dict[str, object],
+        row: RoundRow,
         privacy: dict[str, object],
         *,
         pushing: bool,
@@ -377,8 +380,8 @@ class RoundBook:
             row["push_installed"] = len(push["installed"])
 
 
-def _stats_row(stats) -> dict[str, object]:
-    row: dict[str, object] = {
+def _stats_row(stats) -> RoundRow:
+    row: RoundRow = {
         "clients_sampled": stats.clients_sampled,
         "clients_train": stats.clients_train,
         "clients_declined": stats.clients_declined,

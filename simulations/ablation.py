@@ -26,6 +26,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from common.rounds import read_rows
 from simulations import report
 from simulations.report import CONFIGS, RESULTS, ROOT
 
@@ -52,7 +53,7 @@ def run_variant(name: str, overrides: dict, *, rounds: int, scenario: Path, work
     )
     start = time.perf_counter()
     run_inprocess(cfg)
-    rows = report.read_metrics(out / "metrics.jsonl")
+    rows = read_rows(out / "metrics.jsonl")
     curve = [(r["round"], r["val_ndcg@10"]) for r in rows if r.get("val_ndcg@10") is not None]
     trained = [r for r in rows if r.get("round", 0) > 0]
     counts = ("clients_train", "clients_clipped", "clients_rejected", "clients_failed")

@@ -32,6 +32,7 @@ import numpy as np
 
 from common.config import Config
 from common.metrics import peak_rss_mb
+from common.rounds import read_rows
 from simulations import report
 from simulations.report import CONFIGS, README, RESULTS, ROOT
 
@@ -192,7 +193,7 @@ def federated_row(
 def _completed_rounds(out: Path) -> int | None:
     try:
         results = json.loads((out / "results.json").read_text())
-        rows = report.read_metrics(out / "metrics.jsonl")
+        rows = read_rows(out / "metrics.jsonl")
     except (OSError, ValueError):
         return None
     if results.get("status") != "finished:completed" or not rows:
@@ -214,7 +215,7 @@ def _run_scenario(scenario: Path, out: Path, seed: int, *, runtime: str = "flowe
 
 
 def _read_federated(out: Path, *, seed: int) -> dict:
-    rows = report.read_metrics(out / "metrics.jsonl")
+    rows = read_rows(out / "metrics.jsonl")
     final = rows[-1]
     trained = [r for r in rows if r.get("round", 0) > 0]
     return {

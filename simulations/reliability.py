@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from common.rounds import read_rows
 from simulations import report
 from simulations.report import CONFIGS, README, RESULTS, ROOT
 
@@ -145,7 +146,7 @@ def faults(*, work: Path, rounds: int = 3) -> dict[str, Any]:
         )
         start = time.perf_counter()
         run_inprocess(cfg)
-        rows = [r for r in report.read_metrics(cfg.output_path / "metrics.jsonl") if r["round"]]
+        rows = [r for r in read_rows(cfg.output_path / "metrics.jsonl") if r["round"]]
         keys = ("clients_sampled", "clients_train", "clients_failed", "clients_rejected")
         out[kind] = {
             "rounds_completed": len(rows),
@@ -342,7 +343,7 @@ def resume(*, work: Path, rounds: int = 4, kill_after: int = 2) -> dict[str, Any
     metrics = out_dir / "metrics.jsonl"
     deadline = time.monotonic() + 1200
     while time.monotonic() < deadline:
-        rows = report.read_metrics(metrics) if metrics.exists() else []
+        rows = read_rows(metrics) if metrics.exists() else []
         if rows and rows[-1]["round"] >= kill_after:
             break
         if first.poll() is not None:
@@ -353,7 +354,7 @@ def resume(*, work: Path, rounds: int = 4, kill_after: int = 2) -> dict[str, Any
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
     first.wait()
-    killed_after = report.read_metrics(metrics)[-1]["round"]
+    killed_after = read_rows(metrics)[-1]["round"]
     log_before = (out_dir / "run.log").read_text() if (out_dir / "run.log").exists() else ""
     done = subprocess.run(
         [*cmd, "--run-config", "resume=true"], cwd=ROOT, env=ENV, capture_output=True, text=True

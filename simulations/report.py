@@ -24,7 +24,7 @@ import numpy as np
 
 from common.files import METRICS_FILE
 from common.metrics import finite_number as number
-from common.metrics import parse_metrics_line
+from common.rounds import RoundRow, read_rows
 
 RESULTS_FILE = "results.json"
 # where the benchmarks find their scenarios and write their results
@@ -94,34 +94,15 @@ def replace_block(path: Path, begin: str, end: str, text: str) -> bool:
 # --- reading ------------------------------------------------------------------------------
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a metrics.jsonl file; an unfinished last line (no newline yet) is skipped."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    rows = []
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        is_unfinished = line_number == len(lines)  # text did not end with a newline
-        try:
-            rows.append(parse_metrics_line(line, where=f"{path}, line {line_number},"))
-        except ValueError:
-            if not is_unfinished:
-                raise
-            warnings.warn(f"{path}: skipping the unfinished last line {line_number}.", stacklevel=2)
-    return rows
-
-
-def rounds_of(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def rounds_of(rows: Iterable[RoundRow]) -> list[RoundRow]:
     """One row per round, sorted by round; a repeated round keeps its last row (a resumed run)."""
-    by_round: dict[int, dict[str, Any]] = {}
+    by_round: dict[int, RoundRow] = {}
     for row in rows:
         rnd = row.get("round")
         if isinstance(rnd, bool) or not isinstance(rnd, int):
             warnings.warn(f"Skipping a metrics row without an integer 'round': {row}", stacklevel=2)
             continue
-        by_round[rnd] = dict(row)
+        by_round[rnd] = row
     return [by_round[r] for r in sorted(by_round)]
 
 
@@ -553,7 +534,7 @@ def write_report(
         return value if value is not None else previous.get(key)
 
     metrics_path = output_dir / METRICS_FILE
-    rows = read_metrics(metrics_path) if metrics_path.exists() else []
+    rows = read_rows(metrics_path) if metrics_path.exists() else []
     results = build_results(
         rows,
         scenario=given_or_kept(scenario, "scenario"),

@@ -185,14 +185,15 @@ def resolve_output_dir(output: str | Path | None, run: Mapping[str, Any], name: 
     return Path(chosen).expanduser().resolve()
 
 
-def check_app_config(project_dir: Path, config: Mapping[str, Any]) -> None:
-    """For this project's own app, the cross-field rules of common.config.Config."""
+def check_app_config(project_dir: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The run-config overrides, checked: for fedrec by `Config` (keys, types, cross-field
+    rules), for another Flower app against the keys and types of its pyproject defaults."""
     if project_dir != PROJECT_DIR:
-        return  # another Flower app: only its keys and types were checked
+        return check_run_config(overrides, app_defaults(project_dir))
     from common.config import Config  # the fedrec app's rules; not needed for other apps
 
     try:
-        Config.from_mapping(config)
+        return Config.checked(overrides)
     except ValueError as exc:
         raise ScenarioError(f"Invalid run config: {exc}") from None
 
@@ -239,9 +240,8 @@ def run_scenario(
     overrides = {**scenario.run, **(run_overrides or {})}
     output_dir = resolve_output_dir(output, overrides, scenario.name)
     overrides["output-dir"] = str(output_dir)
-    overrides = check_run_config(overrides, defaults)
+    overrides = check_app_config(project_dir, overrides)
     config = {**defaults, **overrides}
-    check_app_config(project_dir, config)
     check_output_dir(output_dir, project_dir)
     prepare_output_dir(
         output_dir,

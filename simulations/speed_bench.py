@@ -35,6 +35,7 @@ import tomllib
 from pathlib import Path
 
 from common.config import Config
+from common.rounds import read_rows
 from simulations import report
 from simulations.report import CONFIGS, README, RESULTS, ROOT
 
@@ -169,7 +170,7 @@ def federated_pass(scenario: Path, *, flower: bool, work: Path) -> dict:
         cfg = Config().merged({**spec.get("run", {}), **overrides, "output-dir": str(out)})
         run_inprocess(cfg)
         workers = 1
-    trained = [r for r in report.read_metrics(out / "metrics.jsonl") if r.get("round", 0) > 0]
+    trained = [r for r in read_rows(out / "metrics.jsonl") if r.get("round", 0) > 0]
     clients = sum(r["clients_train"] for r in trained)
     seconds = sum(r["round_s"] for r in trained)
 

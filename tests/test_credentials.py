@@ -84,7 +84,7 @@ def test_run_config_has_deployment_defaults_and_is_checked(tmp_path: Path) -> No
     config.write_text("[federation]\nnum-supernodes = 3\n")
     with pytest.raises(ConfigError, match="only a \\[run\\] table"):
         deploy.load_run_config(config, {})
-    with pytest.raises(ConfigError, match="Unknown run-config key"):
+    with pytest.raises(ConfigError, match="Unknown config key"):
         deploy.load_run_config(None, {"rounds": 3})
 
 

@@ -241,3 +241,28 @@ def test_a_simulation_with_the_wrong_node_count_fails_at_once_naming_the_fix(
         run_federation(grid, cfg)
     assert fix in str(caught.value)
     assert not (cfg.output_path / "metrics.jsonl").exists()  # failed before round 0
+
+
+def test_every_key_of_a_round_row_is_declared_with_its_type(tmp_path, tiny_world):
+    """The metrics row is a contract (common/rounds.py RoundRow): what the ServerApp writes,
+    with central and federated evaluation on, is declared there with the type written."""
+    import typing
+
+    from common.rounds import ROUND_KEYS, RoundRow, read_rows
+    from simulations.inprocess import run_inprocess
+
+    cfg = tiny_cfg(tmp_path, *tiny_world, fraction_evaluate=1.0, num_server_rounds=2)
+    run_inprocess(cfg, num_nodes=NUM_CLIENTS)
+    rows = read_rows(cfg.output_path / "metrics.jsonl")
+    hints = typing.get_type_hints(RoundRow)
+    written = {key for row in rows for key in row}
+    assert {"val_ndcg@10", "test_ndcg@10", "fed_ndcg@10", "bytes_per_client"} <= written
+    assert written <= ROUND_KEYS
+    for row in rows:
+        for key, value in row.items():
+            allowed = typing.get_args(hints[key]) or (hints[key],)
+            kinds = tuple(typing.get_origin(a) or a for a in allowed)
+            kinds = tuple(type(None) if a is None else a for a in kinds)
+            if float in kinds:
+                kinds += (int,)  # JSON writes 3.0 as 3.0, but a float field may hold an int
+            assert isinstance(value, kinds), (key, value, hints[key])

@@ -13,6 +13,7 @@ from flwr.common.config import parse_config_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common import runtime
+from common.rounds import read_rows
 from simulations import report, run
 
 # Round 0 is the initial evaluation; round 1 has a null and a missing metric; round 2 is last.
@@ -183,7 +184,7 @@ def test_read_metrics_skips_an_unfinished_last_line(tmp_path: Path) -> None:
     with open(path, "a") as fh:
         fh.write('{"round": 3, "train_lo')
     with pytest.warns(UserWarning, match="unfinished"):
-        rows = report.read_metrics(path)
+        rows = read_rows(path)
     assert [row["round"] for row in rows] == [0, 1, 2]
 
 
@@ -191,7 +192,7 @@ def test_read_metrics_names_the_line_of_a_broken_row(tmp_path: Path) -> None:
     path = tmp_path / report.METRICS_FILE
     path.write_text('{"round": 1}\nnot json\n{"round": 2}\n')
     with pytest.raises(ValueError, match="line 2"):
-        report.read_metrics(path)
+        read_rows(path)
 
 
 def test_a_repeated_round_keeps_its_last_row() -> None:
@@ -270,17 +271,30 @@ def test_missing_scenario_file(tmp_path: Path) -> None:
         run.load_scenario(tmp_path / "nope.toml")
 
 
-def test_run_config_is_checked_against_the_app_defaults() -> None:
-    defaults = {"num-server-rounds": 10, "learning-rate": 0.001, "dataset": "ml-100k"}
-    checked = runtime.check_run_config({"num-server-rounds": 2, "learning-rate": 1}, defaults)
+def test_run_config_is_checked_by_config_for_fedrec_and_by_the_defaults_for_another_app(
+    tmp_path: Path,
+) -> None:
+    checked = run.check_app_config(run.PROJECT_DIR, {"num-server-rounds": 2, "learning-rate": 1})
     assert checked == {"num-server-rounds": 2, "learning-rate": 1.0}
     assert isinstance(checked["learning-rate"], float)
+    with pytest.raises(run.ScenarioError, match="Unknown config key.*rounds"):
+        run.check_app_config(run.PROJECT_DIR, {"rounds": 2})
+    with pytest.raises(run.ScenarioError, match="num-server-rounds must be an integer"):
+        run.check_app_config(run.PROJECT_DIR, {"num-server-rounds": 2.5})
+    with pytest.raises(run.ScenarioError, match="needs num-partitions"):  # a cross-field rule
+        run.check_app_config(run.PROJECT_DIR, {"partition": "iid"})
+    other = tmp_path / "other-app"  # any Flower app: its keys and types only
+    other.mkdir()
+    (other / "pyproject.toml").write_text(
+        '[tool.flwr.app.config]\nnum-server-rounds = 10\nlr = 0.1\ndataset = "x"\n'
+    )
+    assert run.check_app_config(other, {"lr": 1}) == {"lr": 1.0}
     with pytest.raises(run.ScenarioError, match="Unknown run-config key 'rounds'"):
-        runtime.check_run_config({"rounds": 2}, defaults)
+        run.check_app_config(other, {"rounds": 2})
     with pytest.raises(run.ScenarioError, match="num-server-rounds must be a int"):
-        runtime.check_run_config({"num-server-rounds": 2.5}, defaults)
+        run.check_app_config(other, {"num-server-rounds": 2.5})
     with pytest.raises(run.ScenarioError, match="dataset must be a str"):
-        runtime.check_run_config({"dataset": 1}, defaults)
+        run.check_app_config(other, {"dataset": 1})
 
 
 def test_run_config_string_quotes_strings_and_lowercases_bools() -> None:
@@ -317,12 +331,9 @@ def test_parse_config_string_rejects_garbage() -> None:
 
 
 def test_shipped_scenarios_are_valid_for_the_app() -> None:
-    defaults = run.app_defaults(run.PROJECT_DIR)
     configs = run.PROJECT_DIR / "simulations" / "configs"
     for path in [configs / "demo.toml", *sorted(configs.glob("bench-fed*.toml"))]:
-        scenario = run.load_scenario(path)
-        overrides = runtime.check_run_config(scenario.run, defaults)
-        run.check_app_config(run.PROJECT_DIR, {**defaults, **overrides})
+        run.check_app_config(run.PROJECT_DIR, run.load_scenario(path).run)
     demo = run.load_scenario(run.PROJECT_DIR / "simulations" / "configs" / "demo.toml")
     assert demo.run["partition"] == "user" and demo.run["dp-mode"] == "fedavg"
     assert demo.federation["num-supernodes"] == 943
@@ -423,3 +434,13 @@ def test_metrics_tail_skips_a_malformed_row_with_a_warning_naming_it(
         rows = runtime.MetricsTail(path).poll()
     assert rows == [{"round": 1}, {"round": 2}]
     assert str(path) in caplog.text and "line" in caplog.text
+
+
+def test_a_row_key_that_the_contract_does_not_declare_is_refused(tmp_path):
+    from common.rounds import check_row
+    from server.runlog import RunLog
+
+    with pytest.raises(ValueError, match=r"\['val_ndgc@10'\] are not declared.*RoundRow"):
+        RunLog(tmp_path).append_metrics({"round": 1, "val_ndgc@10": 0.1})
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert check_row({"round": 1, "val_ndcg@10": 0.1}) == {"round": 1, "val_ndcg@10": 0.1}

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from common import runtime
+from common.rounds import read_rows
 from simulations import report, run
 from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
 
@@ -127,7 +128,7 @@ def test_real_app_runs_to_completion_and_reports(tmp_path: Path, output: Path) -
     text = printed.getvalue()
 
     assert outcome.status == runtime.COMPLETED, text + runtime.tail(output / "run.log", 80)
-    rows = report.read_metrics(output / report.METRICS_FILE)
+    rows = read_rows(output / report.METRICS_FILE)
     assert sorted({row["round"] for row in rows if row["round"] > 0}) == [1, 2]
     assert "round 1/2" in text and "round 2/2" in text
     for name in (report.RESULTS_FILE, report.REPORT_FILE, report.PLOT_FILE, "run.log"):
