@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -37,7 +36,15 @@ from client.node_config import (
 from common import credentials
 from common.data import DataError
 from common.extras import require
-from common.runtime import ConfigError, RunnerError, SuperNode, flower_env, tail
+from common.flower.config import ConfigError
+from common.flower.processes import (
+    INTERRUPTED,
+    RunnerError,
+    SuperNode,
+    flower_env,
+    interrupt_on_sigterm,
+    tail,
+)
 
 # flower-supernode exits 1 and logs "Exit Code: 305", then the reason, when it cannot connect
 # to the SuperLink: refused (key not registered or revoked), unreachable or a TLS failure.
@@ -106,7 +113,7 @@ def join(args: argparse.Namespace) -> int:
         private_key=None if args.insecure else args.key.resolve(),
         max_wait_s=args.max_wait_s,
     )
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     try:
         node.start()
         print(
@@ -119,7 +126,7 @@ def join(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("Stopping the SuperNode.", flush=True)
         node.stop()
-        return 130
+        return INTERRUPTED
     finally:
         node.stop()
     code = node.returncode
@@ -285,10 +292,6 @@ def serve(args: argparse.Namespace) -> int:
     print(f"POST /items and /reload need `Authorization: Bearer <token>` with {where}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

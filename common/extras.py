@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from common.runtime import ConfigError
+from common.flower.config import ConfigError
 
 
 class MissingExtra(ConfigError):

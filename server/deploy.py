@@ -23,7 +23,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import tomllib
@@ -43,22 +42,22 @@ from common.files import (
     RUN_LOG,
     SUPERLINK_LOG,
 )
-from common.runtime import (
-    COMPLETED,
+from common.flower.cli import COMPLETED, FlowerCli
+from common.flower.config import (
     ConfigError,
-    FlowerCli,
+    app_defaults,
+    flatten,
+    parse_config_string,
+)
+from common.flower.follow import launch_and_follow
+from common.flower.outputs import check_output_dir, prepare_output_dir
+from common.flower.processes import (
+    INTERRUPTED,
     RunnerError,
     SuperLink,
     Tls,
-    app_defaults,
-    check_output_dir,
-    flatten,
     flower_env,
-    follow_and_log,
-    parse_config_string,
-    prepare_output_dir,
-    tail,
-    to_config_string,
+    interrupt_on_sigterm,
     uninterrupted,
     write_flwr_config,
 )
@@ -282,10 +281,10 @@ def run(
         root_certificates=tls.ca_cert if tls else None,
     )
     cli = FlowerCli(env=env, cwd=home.root, connection=CONNECTION)
-    status = "not started"
     gate = None
-    try:
-        superlink.start()
+
+    def serve_devices() -> None:  # once the SuperLink answers
+        nonlocal gate
         _private(home.database)
         home.live.write_text(json.dumps({"pid": superlink.pid, "address": superlink.address}))
         from server.gate import start_gate  # uvicorn and httpx: the server extra
@@ -306,31 +305,31 @@ def run(
                     f"{home.root} device add NAME` (this run registers them as they are added)."
                 )
 
-        # 3. Submit, then follow: rounds from metrics.jsonl, status from `flwr list`
-        run_id = cli.run(PROJECT_DIR, run_config=to_config_string(run_config))
-        say(f"Run {run_id} submitted; waiting for {run_config['min-nodes']} device(s).")
-        log_path = output / RUN_LOG
-        info = follow_and_log(
+    # 3. Start, submit, then follow: rounds from metrics.jsonl, status from `flwr list`
+    try:
+        run_id, info = launch_and_follow(
+            superlink,
             cli,
-            run_id,
-            superlink=superlink,
-            output_dir=output,
-            log_path=log_path,
+            project_dir=PROJECT_DIR,
+            run_config=run_config,
             config={**app_defaults(PROJECT_DIR), **run_config},
+            output_dir=output,
+            log_path=output / RUN_LOG,
             poll_s=poll_s,
             timeout_s=timeout_s,
             say=say,
+            on_start=serve_devices,
+            on_submit=lambda run_id: say(
+                f"Run {run_id} submitted; waiting for {run_config['min-nodes']} device(s)."
+            ),
         )
-        status = str(info["status"])
-        say(_summary(output, run_id, status, info))
-        if status != COMPLETED:
-            say(f"--- last lines of {log_path} ---\n{tail(log_path)}\n---")
     finally:
         with uninterrupted():
             if gate is not None:
                 gate.stop()
-            superlink.stop()
             home.live.unlink(missing_ok=True)
+    status = str(info["status"])
+    say(_summary(output, run_id, status, info))
     return status
 
 
@@ -453,10 +452,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The `fedrec-server` command."""
     args = parse_args(argv)
@@ -473,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "device":
             return _device(home, args)
         else:
-            signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C does
+            interrupt_on_sigterm()  # `kill` cleans up like Ctrl-C does
             config = load_run_config(args.config, parse_config_string(args.run_config))
             status = run(
                 home,
@@ -496,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("Interrupted: the SuperLink was stopped.", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     return 0
 
 

@@ -27,7 +27,7 @@ import httpx
 import uvicorn
 
 from common.asgi import BodyLimit
-from common.runtime import Tls
+from common.flower.processes import Tls
 
 log = logging.getLogger(__name__)
 

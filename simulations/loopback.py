@@ -24,15 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.runtime import (
-    FlowerCli,
-    RunnerError,
-    flower_env,
-    format_toml_value,
-    free_port,
-    tail,
-    write_flwr_config,
-)
+from common.flower.cli import FlowerCli
+from common.flower.config import format_toml_value
+from common.flower.processes import RunnerError, flower_env, free_port, tail, write_flwr_config
 
 STARTED = re.compile(r"SuperNode started \(pid (\d+)\)")
 

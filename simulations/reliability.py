@@ -217,7 +217,7 @@ def service(*, work: Path) -> dict[str, Any]:
     from client.recommender import LocalRecommender
     from client.service import Limits, create_service
     from common.config import Config
-    from common.runtime import free_port
+    from common.flower.processes import free_port
     from common.task import build_model, load_data
     from simulations.latency_bench import save
 
@@ -318,7 +318,7 @@ def resume(*, work: Path, rounds: int = 4, kill_after: int = 2) -> dict[str, Any
     """`fedrec-simulate` SIGKILLed with all it started after round `kill_after`, resumed."""
     import psutil
 
-    from common.runtime import ANSI_ESCAPE
+    from common.flower.processes import ANSI_ESCAPE
 
     scenario = work / "resume.toml"
     scenario.write_text(

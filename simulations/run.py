@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import signal
 import sys
 import time
 import tomllib
@@ -36,25 +35,25 @@ from typing import IO, Any
 
 from common.extras import require
 from common.files import MODELS_DIR, RUN_LOG, SUPERLINK_LOG
-from common.runtime import (
-    COMPLETED,
+from common.flower.cli import COMPLETED, FlowerCli
+from common.flower.config import (
     ConfigError,
-    FlowerCli,
-    RunnerError,
-    SuperLink,
     _is_type,
     app_defaults,
-    check_output_dir,
     check_run_config,
     flatten,
-    flower_env,
-    follow_and_log,
-    free_port,
     parse_config_string,
-    prepare_output_dir,
-    tail,
     to_config_string,
-    uninterrupted,
+)
+from common.flower.follow import launch_and_follow
+from common.flower.outputs import check_output_dir, prepare_output_dir
+from common.flower.processes import (
+    INTERRUPTED,
+    RunnerError,
+    SuperLink,
+    flower_env,
+    free_port,
+    interrupt_on_sigterm,
     write_flwr_config,
 )
 from simulations import report
@@ -268,48 +267,43 @@ def run_scenario(
     error: BaseException | None = None
     say(f"Scenario {scenario.name}: {scenario.description.strip() or scenario.path}")
     say(f"Output: {output_dir}")
-    try:
-        superlink.start()
-        say(f"SuperLink on {superlink.address} (pid {superlink.pid}), FLWR_HOME={flwr_home}")
 
-        # 3. Submit, then follow: rounds from metrics.jsonl, status from `flwr list`
-        run_id = cli.run(
-            project_dir,
-            run_config=to_config_string(overrides),
-            federation_config=to_config_string(scenario.federation),
-        )
-        started = time.monotonic()
+    def submitted(new_run_id: str) -> None:
+        nonlocal run_id, started, status
+        run_id, started, status = new_run_id, time.monotonic(), "running"
         say(f"Run {run_id} submitted: {to_config_string(scenario.federation)}")
-        status = "running"
-        info = follow_and_log(
+
+    # 3. Start, submit, then follow: rounds from metrics.jsonl, status from `flwr list`
+    try:
+        _, info = launch_and_follow(
+            superlink,
             cli,
-            run_id,
-            superlink=superlink,
+            project_dir=project_dir,
+            run_config=overrides,
+            federation_config=scenario.federation,
+            config=config,
             output_dir=output_dir,
             log_path=log_path,
-            config=config,
             poll_s=poll_s,
             timeout_s=timeout_s,
             say=say,
+            on_start=lambda: say(
+                f"SuperLink on {superlink.address} (pid {superlink.pid}), FLWR_HOME={flwr_home}"
+            ),
+            on_submit=submitted,
+            keep_superlink=keep_superlink,
         )
         status = str(info["status"])
-        if status != COMPLETED:
-            say(f"\nRun {run_id} ended {status}: {info.get('status-details', '')}")
-            say(f"--- last lines of {log_path} ---\n{tail(log_path)}\n---")
-    except BaseException as exc:  # Ctrl-C included: stop what we started, report, re-raise
+    except BaseException as exc:  # Ctrl-C included: what we started is stopped; report, re-raise
         error = exc
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "runner error"
-    finally:
-        wall_s = time.monotonic() - started
-        if keep_superlink and superlink.is_running():
-            say(
-                f"SuperLink left running: pid {superlink.pid} on {superlink.address}. "
-                f"Use it with FLWR_HOME={flwr_home} flwr list {CONNECTION}; "
-                f"stop it with kill -TERM -{superlink.pid}."
-            )
-        else:
-            with uninterrupted():
-                superlink.stop()
+    wall_s = time.monotonic() - started
+    if keep_superlink and superlink.is_running():
+        say(
+            f"SuperLink left running: pid {superlink.pid} on {superlink.address}. "
+            f"Use it with FLWR_HOME={flwr_home} flwr list {CONNECTION}; "
+            f"stop it with kill -TERM -{superlink.pid}."
+        )
 
     # 4. The report, whatever the status, once a run was submitted
     results = None
@@ -427,14 +421,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The `fedrec-simulate` command."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C does
+    interrupt_on_sigterm()  # `kill` cleans up like Ctrl-C does
     try:
         scenario = load_scenario(args.config)
         outcome = run_scenario(
@@ -457,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         kept = " (the SuperLink was left running)" if args.keep_superlink else ""
         print(f"Interrupted: the runner stopped{kept}.", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     return 0 if outcome.ok else 1
 
 

@@ -138,6 +138,60 @@ def sequence_epoch(cfg: Config) -> dict:
     }
 
 
+PROCESS_KINDS = (  # (label, what a process's name or command line contains), first match wins
+    ("SuperLink", "flower-superlink"),
+    ("simulation runtime (message queues, Ray driver)", "flwr-simulation"),
+    ("ServerApp", "flwr-serverapp"),
+    ("Ray workers (the ClientApps)", "ray::"),
+    ("Ray workers (the ClientApps)", "default_worker.py"),
+    ("Ray daemons", "ray"),
+    ("Ray daemons", "gcs_server"),
+)
+
+
+class CpuByProcess:
+    """CPU seconds of the processes that carry FLWR_HOME=home, by kind (PROCESS_KINDS),
+    sampled every `every_s` from a thread while a Flower run goes on."""
+
+    def __init__(self, home: Path, every_s: float = 0.5):
+        import threading
+
+        self.home, self.every_s = str(home), every_s
+        self.seen: dict[int, tuple[str, float]] = {}  # pid -> (kind, cpu s so far)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        from common.flower.processes import processes_with_env
+
+        while not self.done.wait(self.every_s):
+            for pid in processes_with_env("FLWR_HOME", self.home):
+                try:
+                    proc = psutil.Process(pid)
+                    text = " ".join([proc.name(), *proc.cmdline()])
+                    times = proc.cpu_times()
+                except psutil.Error:
+                    continue
+                kind = next((label for label, key in PROCESS_KINDS if key in text), "other")
+                self.seen[pid] = (kind, times.user + times.system)
+
+    def __enter__(self) -> CpuByProcess:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def by_kind(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for kind, cpu_s in self.seen.values():
+            totals[kind] = totals.get(kind, 0.0) + cpu_s
+        return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def federated_pass(scenario: Path, *, flower: bool, work: Path) -> dict:
     """Rounds of the benchmark scenario that train as many clients as there are (a tenth per
     round: ten rounds), without evaluation: their seconds and the per-client time split."""
@@ -154,13 +208,15 @@ def federated_pass(scenario: Path, *, flower: bool, work: Path) -> dict:
     if flower:
         from simulations.run import load_scenario, run_scenario
 
-        outcome = run_scenario(
-            load_scenario(scenario),
-            output=out,
-            run_overrides=overrides,
-            overwrite=True,
-            poll_s=2.0,
-        )
+        with CpuByProcess(out / "flwr-home") as cpu:
+            outcome = run_scenario(
+                load_scenario(scenario),
+                output=out,
+                run_overrides=overrides,
+                overwrite=True,
+                poll_s=2.0,
+            )
+        cpu_s = cpu.by_kind()
         if not outcome.ok:
             raise RuntimeError(f"the Flower pass ended {outcome.status}; see {out}/run.log")
         workers = max(os.cpu_count() // spec["federation"]["client-resources-num-cpus"], 1)
@@ -169,7 +225,7 @@ def federated_pass(scenario: Path, *, flower: bool, work: Path) -> dict:
 
         cfg = Config().merged({**spec.get("run", {}), **overrides, "output-dir": str(out)})
         run_inprocess(cfg)
-        workers = 1
+        workers, cpu_s = 1, None
     trained = [r for r in read_rows(out / "metrics.jsonl") if r.get("round", 0) > 0]
     clients = sum(r["clients_train"] for r in trained)
     seconds = sum(r["round_s"] for r in trained)
@@ -189,6 +245,7 @@ def federated_pass(scenario: Path, *, flower: bool, work: Path) -> dict:
         "client_update_s_mean": mean("client_update_s_mean"),
         "client_train_s_mean": mean("client_train_s"),
         "bytes_per_client": mean("bytes_per_client"),
+        "cpu_s_by_process": cpu_s,  # Flower runtime: where the pass's CPU time went
     }
 
 
@@ -225,6 +282,17 @@ def markdown(result: dict) -> str:
                 f"| {p['seconds_per_client']:.3f} | {p['client_update_s_mean']:.3f} "
                 f"| {p['client_train_s_mean']:.3f} |"
             )
+        for p in result["passes"]:
+            if p.get("cpu_s_by_process"):
+                lines += [
+                    "",
+                    f"| CPU of the {p['runtime']} pass, by process | CPU s | per client update |",
+                    "| --- | --- | --- |",
+                    *(
+                        f"| {kind} | {cpu_s:.1f} | {cpu_s / p['clients']:.3f} |"
+                        for kind, cpu_s in p["cpu_s_by_process"].items()
+                    ),
+                ]
     lines += ["", result["machine"]]
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from common import credentials
-from common.runtime import ConfigError
+from common.flower.config import ConfigError
 from server import deploy
 
 

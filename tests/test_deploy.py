@@ -19,23 +19,11 @@ from client.node_config import LEDGER_FILE
 from common.weights import load_model_dir, trainable_state
 from simulations.loopback import LoopbackFederation
 from tests.fixtures import make_synthetic_dataset
+from tests.tiny import tiny_run
 
 pytestmark = pytest.mark.slow
 
-TINY_RUN = {
-    "model-dim": 16,
-    "bottleneck-dim": 8,
-    "history-len": 6,
-    "num-negatives": 5,
-    "batch-size": 8,
-    "user-layers": 1,
-    "user-heads": 2,
-    "max-tokens": 8,
-    "lora-r": 4,
-    "adapter-k": 0,
-    "central-eval": False,
-    "push-model": True,
-}
+TINY_RUN = tiny_run(num_negatives=5, max_tokens=8, adapter_k=0, central_eval=False, push_model=True)
 
 
 def split_users(data: Path, out: Path, names: list[str]) -> dict[str, Path]:

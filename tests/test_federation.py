@@ -17,6 +17,7 @@ from server.server_app import create_app as create_server_app
 from server.server_app import run_federation
 from simulations.inprocess import InProcessGrid
 from tests.fixtures import make_synthetic_dataset
+from tests.tiny import tiny_config
 
 NUM_CLIENTS = 4
 
@@ -39,7 +40,8 @@ def run(cfg: Config) -> list[dict]:
 
 
 def tiny_cfg(tmp_path, backbone, data, **changes) -> Config:
-    base = dict(
+    """The tiny model (tests/tiny.py) federated over NUM_CLIENTS clients of a synthetic set."""
+    run = dict(
         backbone=str(backbone),
         dataset="path",
         data_path=str(data),
@@ -50,15 +52,12 @@ def tiny_cfg(tmp_path, backbone, data, **changes) -> Config:
         num_server_rounds=2,
         local_steps=3,
         learning_rate=0.01,
-        model_dim=16,
-        bottleneck_dim=8,
         history_len=8,
         num_negatives=8,
-        user_layers=1,
         max_tokens=8,
         batch_size=16,
     )
-    return Config(**{**base, **changes})
+    return tiny_config(**{**run, **changes})
 
 
 @pytest.mark.slow  # Flower's Ray simulation runtime

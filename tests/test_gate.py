@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 
-from common.runtime import free_port
+from common.flower.processes import free_port
 from server.gate import start_gate
 
 

@@ -316,6 +316,6 @@ def test_join_reads_no_connection_failure_from_a_normal_log() -> None:
 
 def tail_like(text: str) -> str:
     """The log as join reads it (runtime.tail drops terminal colours)."""
-    from common.runtime import ANSI_ESCAPE
+    from common.flower.processes import ANSI_ESCAPE
 
     return ANSI_ESCAPE.sub("", text)

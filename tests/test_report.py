@@ -12,7 +12,7 @@ import pytest
 from flwr.common.config import parse_config_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from common import runtime
+from common.flower import cli, config, follow, outputs, processes
 from common.rounds import read_rows
 from simulations import report, run
 
@@ -307,27 +307,27 @@ def test_run_config_string_quotes_strings_and_lowercases_bools() -> None:
         "dp-delta": 1e-5,
         "learning-rate": 0.001,
     }
-    text = runtime.to_config_string(values)
+    text = config.to_config_string(values)
     assert "dataset='path'" in text
     assert "central-eval=true" in text and "resume=false" in text
     assert "num-server-rounds=3" in text and "dp-delta=1e-05" in text
     # the reference: Flower's own parser reads back exactly the values
     assert parse_config_args([text]) == values
-    assert runtime.parse_config_string(text) == values
+    assert config.parse_config_string(text) == values
 
 
 def test_strings_with_quotes_still_round_trip_through_flower() -> None:
     values = {"a": "it's", "b": 'say "hi"', "c": "back\\slash"}
-    assert parse_config_args([runtime.to_config_string(values)]) == values
+    assert parse_config_args([config.to_config_string(values)]) == values
     with pytest.raises(run.ScenarioError, match="both kinds of quote"):
-        runtime.format_toml_value('it\'s "both"')
+        config.format_toml_value('it\'s "both"')
 
 
 def test_parse_config_string_rejects_garbage() -> None:
     with pytest.raises(run.ScenarioError, match="key=value"):
-        runtime.parse_config_string("num-server-rounds 3")
+        config.parse_config_string("num-server-rounds 3")
     with pytest.raises(run.ScenarioError, match="not valid"):
-        runtime.parse_config_string("dataset=ml-100k")  # an unquoted string
+        config.parse_config_string("dataset=ml-100k")  # an unquoted string
 
 
 def test_shipped_scenarios_are_valid_for_the_app() -> None:
@@ -341,10 +341,10 @@ def test_shipped_scenarios_are_valid_for_the_app() -> None:
 
 def test_output_dir_inside_the_project_must_be_ignored(tmp_path: Path) -> None:
     (tmp_path / ".gitignore").write_text("outputs/\n")
-    runtime.check_output_dir(tmp_path / "outputs" / "demo", tmp_path)
-    runtime.check_output_dir(tmp_path.parent / "elsewhere", tmp_path)
+    outputs.check_output_dir(tmp_path / "outputs" / "demo", tmp_path)
+    outputs.check_output_dir(tmp_path.parent / "elsewhere", tmp_path)
     with pytest.raises(run.ScenarioError, match="app bundle"):
-        runtime.check_output_dir(tmp_path / "results", tmp_path)
+        outputs.check_output_dir(tmp_path / "results", tmp_path)
 
 
 def test_a_resumed_run_appends_its_log_after_a_marker(tmp_path: Path) -> None:
@@ -359,9 +359,9 @@ def test_a_resumed_run_appends_its_log_after_a_marker(tmp_path: Path) -> None:
             fh.flush()
             return subprocess.Popen(["true"])
 
-    assert runtime.earlier_log(log_path, run_id="2", resume=False) == b""
-    earlier = runtime.earlier_log(log_path, run_id="2", resume=True)
-    runtime.save_run_log(Cli(), "2", log_path, earlier=earlier)
+    assert cli.earlier_log(log_path, run_id="2", resume=False) == b""
+    earlier = cli.earlier_log(log_path, run_id="2", resume=True)
+    cli.save_run_log(Cli(), "2", log_path, earlier=earlier)
     lines = log_path.read_text().splitlines()
     assert lines[:2] == ["INFO [ROUND 7/10]", "killed here"]
     assert lines[3].startswith("===== fedrec: resumed as Flower run 2 at ")
@@ -370,7 +370,7 @@ def test_a_resumed_run_appends_its_log_after_a_marker(tmp_path: Path) -> None:
 
 def test_an_old_run_is_not_mixed_into_a_new_one(tmp_path: Path) -> None:
     write_metrics(tmp_path)
-    prepare = functools.partial(runtime.prepare_output_dir, tmp_path, artifacts=run.RUN_ARTIFACTS)
+    prepare = functools.partial(outputs.prepare_output_dir, tmp_path, artifacts=run.RUN_ARTIFACTS)
     with pytest.raises(run.ScenarioError, match="--overwrite"):
         prepare(resume=False, overwrite=False)
     prepare(resume=True, overwrite=False)  # resume appends
@@ -383,7 +383,7 @@ def test_an_old_run_is_not_mixed_into_a_new_one(tmp_path: Path) -> None:
 
 def test_metrics_tail_returns_whole_new_lines_only(tmp_path: Path) -> None:
     path = tmp_path / report.METRICS_FILE
-    tail = runtime.MetricsTail(path)
+    tail = follow.MetricsTail(path)
     assert tail.poll() == []
     path.write_text('{"round": 1}\n{"round": 2')
     assert tail.poll() == [{"round": 1}]
@@ -394,23 +394,25 @@ def test_metrics_tail_returns_whole_new_lines_only(tmp_path: Path) -> None:
 
 
 def test_progress_line_prefers_val_hr_and_shows_both_ndcgs() -> None:
-    line = runtime.progress_line(ROWS[2], total_rounds=2, wall_s=99.0)
+    line = follow.progress_line(ROWS[2], total_rounds=2, wall_s=99.0)
     assert line.startswith("round 2/2 | clients 3 (1 declined)")
     assert "loss 3.5000" in line
     assert "HR@10 val 0.2500" in line
     assert "NDCG@10 fed 0.0900 val 0.1250 test 0.1000" in line
     assert "eps 1.500" in line and line.endswith("20.0 s")
-    bare = runtime.progress_line({"round": 0}, total_rounds=None, wall_s=3.0)
+    bare = follow.progress_line({"round": 0}, total_rounds=None, wall_s=3.0)
     assert bare == "round 0 | 3.0 s"
-    header = runtime.progress_header(ROWS[1], {"dp-mode": "fedavg"})
+    header = follow.progress_header(ROWS[1], {"dp-mode": "fedavg"})
     assert all(t in header for t in ("user-level", "delta=1e-05", "rdp", "cumulative", "FedAvg"))
-    assert "off" in runtime.progress_header({"round": 1}, {"dp-mode": "off"})
+    assert "off" in follow.progress_header({"round": 1}, {"dp-mode": "off"})
 
 
 def test_flwr_config_toml_names_our_connection(tmp_path: Path) -> None:
     import tomllib
 
-    path = runtime.write_flwr_config(tmp_path, connection=run.CONNECTION, address="127.0.0.1:1234")
+    path = processes.write_flwr_config(
+        tmp_path, connection=run.CONNECTION, address="127.0.0.1:1234"
+    )
     data = tomllib.loads(path.read_text())
     assert data["superlink"]["default"] == run.CONNECTION
     assert data["superlink"][run.CONNECTION] == {"address": "127.0.0.1:1234", "insecure": True}
@@ -419,7 +421,7 @@ def test_flwr_config_toml_names_our_connection(tmp_path: Path) -> None:
 def test_flower_processes_find_this_venvs_scripts_without_activation(tmp_path: Path) -> None:
     import sys
 
-    env = runtime.flower_env(tmp_path / "home")
+    env = processes.flower_env(tmp_path / "home")
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     assert env["FLWR_HOME"] == str(tmp_path / "home")
     assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
@@ -430,8 +432,8 @@ def test_metrics_tail_skips_a_malformed_row_with_a_warning_naming_it(
 ) -> None:
     path = tmp_path / report.METRICS_FILE
     path.write_text('{"round": 1}\nnot json\n{"round": 2}\n')
-    with caplog.at_level("WARNING", logger="common.runtime"):
-        rows = runtime.MetricsTail(path).poll()
+    with caplog.at_level("WARNING", logger="common.flower.follow"):
+        rows = follow.MetricsTail(path).poll()
     assert rows == [{"round": 1}, {"round": 2}]
     assert str(path) in caplog.text and "line" in caplog.text
 

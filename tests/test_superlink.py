@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from common import runtime
+from common.flower import cli, config, processes
 from common.rounds import read_rows
 from simulations import report, run
 from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
+from tests.tiny import tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pids_with_flwr_home(flwr_home: Path) -> list[int]:
-    return runtime.processes_with_env("FLWR_HOME", str(flwr_home))
+    return processes.processes_with_env("FLWR_HOME", str(flwr_home))
 
 
 def is_alive(pid: int) -> bool:
@@ -84,6 +85,8 @@ def tiny_scenario(tmp_path: Path, *, rounds: int = 2, supernodes: int = 3) -> Pa
     backbone = make_tiny_backbone(tmp_path / "bert")
     data = make_synthetic_dataset(tmp_path / "data", num_users=30, num_items=36, seed=0)
     path = tmp_path / "tiny.toml"
+    model = tiny_run(history_len=8, num_negatives=8, max_tokens=8)
+    tiny = "\n".join(f"{key} = {config.format_toml_value(v)}" for key, v in model.items())
     path.write_text(
         f"""
 [scenario]
@@ -99,13 +102,7 @@ cache-dir = "{tmp_path / "cache"}"
 partition = "iid"
 num-partitions = {supernodes}
 num-server-rounds = {rounds}
-max-tokens = 8
-model-dim = 16
-history-len = 8
-user-layers = 1
-user-heads = 2
-num-negatives = 8
-batch-size = 8
+{tiny}
 dp-mode = "sgd"
 fraction-evaluate = 0.0
 central-eval = true
@@ -123,11 +120,11 @@ def test_real_app_runs_to_completion_and_reports(tmp_path: Path, output: Path) -
     scenario = run.load_scenario(tiny_scenario(tmp_path))
     printed = io.StringIO()
     outcome = run.run_scenario(
-        scenario, output=output, port=runtime.free_port(), poll_s=2.0, timeout_s=900, out=printed
+        scenario, output=output, port=processes.free_port(), poll_s=2.0, timeout_s=900, out=printed
     )
     text = printed.getvalue()
 
-    assert outcome.status == runtime.COMPLETED, text + runtime.tail(output / "run.log", 80)
+    assert outcome.status == cli.COMPLETED, text + processes.tail(output / "run.log", 80)
     rows = read_rows(output / report.METRICS_FILE)
     assert sorted({row["round"] for row in rows if row["round"] > 0}) == [1, 2]
     assert "round 1/2" in text and "round 2/2" in text
@@ -135,7 +132,7 @@ def test_real_app_runs_to_completion_and_reports(tmp_path: Path, output: Path) -
         assert (output / name).stat().st_size > 0, name
     assert list((output / report.TENSORBOARD_DIR).glob("events.out.tfevents.*"))
     results = json.loads((output / report.RESULTS_FILE).read_text())
-    assert results["status"] == runtime.COMPLETED
+    assert results["status"] == cli.COMPLETED
     assert results["run_id"] == outcome.run_id
     assert results["final"]["round"] == 2
     assert "delta" in results["privacy"]["statement"]

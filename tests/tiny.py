@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from transformers import BertConfig, BertModel
 
 from common.backbone import ItemStates
-from common.config import Config
+from common.config import Config, key_of
 from common.model import Recommender
 from common.records import Records, build_records
 
@@ -33,6 +35,11 @@ TINY_CONFIG = dict(
 
 def tiny_config(**changes) -> Config:
     return Config(**{**TINY_CONFIG, **changes})
+
+
+def tiny_run(**changes) -> dict[str, Any]:
+    """The tiny model as run-config keys (`model-dim` ...), for scenarios and deployments."""
+    return {key_of(name): value for name, value in {**TINY_CONFIG, **changes}.items()}
 
 
 def tiny_bert(seed: int = 0) -> BertModel:
