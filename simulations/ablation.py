@@ -75,18 +75,26 @@ def run_variant(name: str, overrides: dict, *, rounds: int, scenario: Path, work
 
 
 def markdown(rows: list[dict], rounds: int) -> str:
+    """The table; when variants ran different numbers of rounds (an equal budget of client
+    updates), the last column gives each one's rounds and client updates."""
+    last = {r["curve"][-1][0] for r in rows}
+    budget = len(last) > 1
+    at = "at its last round" if budget else f"at round {rounds}"
     lines = [
-        f"| variant | changes from the benchmark scenario | val NDCG@10 at round {rounds} "
-        "| best val NDCG@10 (round) |",
-        "| --- | --- | --- | --- |",
+        f"| variant | changes from the benchmark scenario | val NDCG@10 {at} "
+        "| best val NDCG@10 (round) |" + (" rounds | client updates |" if budget else ""),
+        "| --- | --- | --- | --- |" + (" --- | --- |" if budget else ""),
     ]
     for r in rows:
         best_round = max(r["curve"], key=lambda c: c[1])[0]
         changes = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "—"
-        lines.append(
+        line = (
             f"| {r['name']} | {changes} | {r['val_ndcg@10_final']:.4f} "
             f"| {r['val_ndcg@10_best']:.4f} ({best_round}) |"
         )
+        if budget:
+            line += f" {r['curve'][-1][0]} | {r.get('clients_train', 0):,} |"
+        lines.append(line)
     return "\n".join(lines)
 
 

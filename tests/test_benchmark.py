@@ -80,3 +80,26 @@ def test_results_file_table_and_readme_block(tmp_path):
     assert "| fed-k0 | yes, Flower runtime | off | 0 | 3 | 300 | 0.2200 ± 0.0200 |" in text
     assert "| fed-dp | yes, in-process | ε=8.00, δ=1e-05, user | 0 | 1 |" in text
     assert "| 990,000 | 900 / 1200 | 10 s |" in text
+
+
+def test_the_ablation_table_shows_each_variants_budget_when_rounds_differ():
+    from simulations.ablation import markdown
+
+    def row(name: str, curve: list, clients: int, **overrides) -> dict:
+        best = max(v for _, v in curve)
+        return {
+            "name": name,
+            "overrides": overrides,
+            "curve": curve,
+            "val_ndcg@10_final": curve[-1][1],
+            "val_ndcg@10_best": best,
+            "clients_train": clients,
+        }
+
+    equal = [row("a", [(0, 0.0), (30, 0.05)], 90), row("b", [(0, 0.0), (30, 0.06)], 90)]
+    assert "at round 30 |" in markdown(equal, 30).splitlines()[0]
+    assert "client updates" not in markdown(equal, 30)
+    budget = [equal[0], row("c", [(0, 0.0), (30, 0.07), (60, 0.065)], 90, **{"x": 1})]
+    table = markdown(budget, 30)
+    assert "at its last round" in table.splitlines()[0]
+    assert table.splitlines()[-1] == "| c | x=1 | 0.0650 | 0.0700 (30) | 60 | 90 |"
