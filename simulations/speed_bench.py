@@ -140,12 +140,15 @@ def sequence_epoch(cfg: Config) -> dict:
 
 PROCESS_KINDS = (  # (label, what a process's name or command line contains), first match wins
     ("SuperLink", "flower-superlink"),
+    ("SuperExec", "flower-superexec"),
     ("simulation runtime (message queues, Ray driver)", "flwr-simulation"),
     ("ServerApp", "flwr-serverapp"),
     ("Ray workers (the ClientApps)", "ray::"),
     ("Ray workers (the ClientApps)", "default_worker.py"),
-    ("Ray daemons", "ray"),
+    ("Ray daemons", "raylet"),
     ("Ray daemons", "gcs_server"),
+    ("Ray daemons", "/ray/"),
+    ("the runner's flwr CLI calls (status, log stream)", "bin/flwr "),
 )
 
 
@@ -158,6 +161,7 @@ class CpuByProcess:
 
         self.home, self.every_s = str(home), every_s
         self.seen: dict[int, tuple[str, float]] = {}  # pid -> (kind, cpu s so far)
+        self.unknown: set[str] = set()  # command lines of the processes labelled "other"
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -175,6 +179,8 @@ class CpuByProcess:
                 except psutil.Error:
                     continue
                 kind = next((label for label, key in PROCESS_KINDS if key in text), "other")
+                if kind == "other":
+                    self.unknown.add(text[:120])
                 self.seen[pid] = (kind, times.user + times.system)
 
     def __enter__(self) -> CpuByProcess:
@@ -214,9 +220,10 @@ def federated_pass(scenario: Path, *, flower: bool, work: Path) -> dict:
                 output=out,
                 run_overrides=overrides,
                 overwrite=True,
-                poll_s=2.0,
             )
         cpu_s = cpu.by_kind()
+        if cpu.unknown:
+            print(f"processes labelled other: {sorted(cpu.unknown)}", flush=True)
         if not outcome.ok:
             raise RuntimeError(f"the Flower pass ended {outcome.status}; see {out}/run.log")
         workers = max(os.cpu_count() // spec["federation"]["client-resources-num-cpus"], 1)
