@@ -307,7 +307,7 @@ def run(
 
     # 3. Start, submit, then follow: rounds from metrics.jsonl, status from `flwr list`
     try:
-        run_id, info = launch_and_follow(
+        _, info = launch_and_follow(
             superlink,
             cli,
             project_dir=PROJECT_DIR,
@@ -329,7 +329,7 @@ def run(
                 gate.stop()
             home.live.unlink(missing_ok=True)
     status = str(info["status"])
-    say(_summary(output, run_id, status, info))
+    say(_summary(output))
     return status
 
 
@@ -340,9 +340,10 @@ def _private(path: Path) -> None:
             candidate.chmod(0o600)
 
 
-def _summary(output: Path, run_id: str, status: str, info: Mapping[str, Any]) -> str:
-    details = str(info.get("status-details") or "")
-    lines = [f"Run {run_id} ended {status}" + (f": {details}" if details != "N/A" else "")]
+def _summary(output: Path) -> str:
+    """What the run left: the final model, its pushes and the metrics file (how it ended is
+    printed by launch_and_follow)."""
+    lines = []
     final = output / MODELS_DIR / FINAL_MODEL / METADATA
     if final.exists():
         meta = json.loads(final.read_text())

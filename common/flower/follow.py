@@ -233,9 +233,10 @@ def launch_and_follow(
 
     The one sequence of fedrec-simulate and fedrec-server: `on_start` runs once the SuperLink
     answers (deployment starts its gate and registers devices there), `on_submit` gets the run
-    id as soon as there is one. Returns the run id and its final `flwr list` row; a run that
-    did not complete also gets the tail of its log printed. The SuperLink (and everything it
-    started) is stopped on every way out, Ctrl-C and errors included, unless `keep_superlink`.
+    id as soon as there is one. Returns the run id and its final `flwr list` row, after
+    printing how the run ended and, when it did not complete, the tail of its log. The
+    SuperLink (and everything it started) is stopped on every way out, Ctrl-C and errors
+    included, unless `keep_superlink`.
     """
     try:
         superlink.start()
@@ -261,9 +262,10 @@ def launch_and_follow(
             timeout_s=timeout_s,
             say=say,
         )
+        details = str(info.get("status-details") or "")
+        shown = f": {details}" if details not in ("", "N/A") else ""
+        say(f"\nRun {run_id} ended {info.get('status')}{shown}")
         if info.get("status") != COMPLETED:
-            details = info.get("status-details", "")
-            say(f"\nRun {run_id} ended {info.get('status')}: {details}")
             say(f"--- last lines of {log_path} ---\n{tail(log_path)}\n---")
         return run_id, info
     finally:
