@@ -30,6 +30,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -157,8 +158,6 @@ class CpuByProcess:
     sampled every `every_s` from a thread while a Flower run goes on."""
 
     def __init__(self, home: Path, every_s: float = 0.5):
-        import threading
-
         self.home, self.every_s = str(home), every_s
         self.seen: dict[int, tuple[str, float]] = {}  # pid -> (kind, cpu s so far)
         self.unknown: set[str] = set()  # command lines of the processes labelled "other"
