@@ -60,6 +60,10 @@ from simulations import report
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedrec-sim"  # the SuperLink connection's name in FLWR_HOME/config.toml
+# Each `flwr list` is a new Python process importing flwr (about 2 CPU-s, taken from the
+# simulation on a small machine): while the run's log streams, its end is the signal that the
+# run finished, and a status query once a minute only guards against a stream that hangs.
+STATUS_POLL_S = 60.0
 
 SCENARIO_TABLES = ("scenario", "run", "federation")
 # runtime and seeds are read by fedrec-benchmark only (simulations/benchmark.py)
@@ -222,7 +226,7 @@ def run_scenario(
     keep_superlink: bool = False,
     overwrite: bool = False,
     project_dir: str | Path = PROJECT_DIR,
-    poll_s: float = 10.0,
+    poll_s: float = STATUS_POLL_S,
     timeout_s: float | None = None,
     out: IO[str] | None = None,
 ) -> RunOutcome:
@@ -414,9 +418,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--poll-s",
         type=float,
-        default=10.0,
+        default=STATUS_POLL_S,
         metavar="S",
-        help="seconds between `flwr list` status queries (default: 10)",
+        help="seconds between `flwr list` status queries while the run's log streams; the "
+        f"stream's end is the cue to ask at once (default: {STATUS_POLL_S:.0f})",
     )
     return parser.parse_args(argv)
 

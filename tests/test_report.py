@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import subprocess
@@ -446,3 +447,41 @@ def test_a_row_key_that_the_contract_does_not_declare_is_refused(tmp_path):
         RunLog(tmp_path).append_metrics({"round": 1, "val_ndgc@10": 0.1})
     assert not (tmp_path / "metrics.jsonl").exists()
     assert check_row({"round": 1, "val_ndcg@10": 0.1}) == {"round": 1, "val_ndcg@10": 0.1}
+
+
+def test_status_is_asked_at_the_poll_period_while_the_log_streams_and_at_once_when_it_ends(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """follow_run on a fake clock, at fedrec-simulate's default period: the log stream's end
+    is the cue that the run finished; status queries (each a new `flwr` process) stay rare."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(follow.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(follow.time, "sleep", lambda s: clock.__setitem__("now", clock["now"] + s))
+    asked: list[float] = []
+
+    class FakeCli:
+        def status(self, run_id: str) -> dict:
+            asked.append(clock["now"])
+            return {"status": cli.COMPLETED if clock["now"] >= 200 else "running"}
+
+    class Stream:  # `flwr log --stream`, ending with the run at t = 200 s
+        def poll(self):
+            return 0 if clock["now"] >= 200 else None
+
+    class Link:
+        def is_running(self) -> bool:
+            return True
+
+    info = follow.follow_run(
+        FakeCli(),
+        "7",
+        superlink=Link(),
+        streamer=Stream(),
+        metrics=follow.MetricsTail(tmp_path / report.METRICS_FILE),
+        config={},
+        poll_s=inspect.signature(run.run_scenario).parameters["poll_s"].default,
+        timeout_s=None,
+        say=lambda text: None,
+    )
+    assert info["status"] == cli.COMPLETED
+    assert asked == [2.0, 62.0, 122.0, 182.0, 200.0]  # not every few seconds
