@@ -227,6 +227,13 @@ class Config:
     round_timeout_s: float = field(
         default=3600.0, metadata=_doc("Seconds to wait for replies in a round.")
     )
+    max_in_flight: int = field(
+        default=0,
+        metadata=_doc(
+            "Most messages of a round out at once, the next sent as a reply comes (0 = all at "
+            "once). For simulation: Flower's engine checks every waiting message for each node."
+        ),
+    )
     seed: int = field(default=42, metadata=_doc("Seed for sampling and initialisation."))
 
     def __post_init__(self) -> None:
@@ -247,7 +254,7 @@ class Config:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{key_of(name)} must be at least 1, got {getattr(self, name)}.")
-        for name in ("min_nodes", "push_every"):
+        for name in ("min_nodes", "push_every", "max_in_flight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{key_of(name)} must be 0 or more, got {getattr(self, name)}.")
         if self.round_timeout_s <= 0:

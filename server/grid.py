@@ -6,6 +6,13 @@ so every round waits on average 1.5 s after its last reply, and a round of a few
 takes at least 3 s. `PromptGrid` wraps any Grid and does the same push and pull with a short,
 growing pause (`first_pause_s`, doubling up to `max_pause_s`); everything else is the wrapped
 Grid's.
+
+With `max_in_flight` W > 0 it keeps at most W messages out at once and pushes the next as a
+reply comes. That is for simulation: Flower's simulation engine asks its link state for each
+node's next message every 0.1 s, and each ask checks every message that waits for a reply, so
+with 943 nodes its cost grows with the messages out (a round of 94 clients kept one of the two
+cores busy). Its few workers take only a few messages at a time anyway. In deployment every
+device works at once: leave it at 0 (all at once).
 """
 
 from __future__ import annotations
@@ -24,9 +31,17 @@ class PromptGrid(Grid):
     """`grid` with a `send_and_receive` that returns soon after the last reply arrives."""
 
     def __init__(
-        self, grid: Grid, *, first_pause_s: float = FIRST_PAUSE_S, max_pause_s: float = MAX_PAUSE_S
+        self,
+        grid: Grid,
+        *,
+        max_in_flight: int = 0,
+        first_pause_s: float = FIRST_PAUSE_S,
+        max_pause_s: float = MAX_PAUSE_S,
     ):
+        if max_in_flight < 0:
+            raise ValueError(f"max_in_flight must be 0 (all at once) or more, got {max_in_flight}.")
         self.grid = grid
+        self.max_in_flight = max_in_flight
         self.first_pause_s = first_pause_s
         self.max_pause_s = max_pause_s
 
@@ -55,18 +70,26 @@ class PromptGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Push `messages`, then pull replies until each has one or `timeout` s have passed
-        (None: no limit), as Flower's Grid does."""
-        waiting = set(self.push_messages(messages))
+        """Push `messages` (at most `max_in_flight` out at once), then pull replies until each
+        has one or `timeout` s have passed (None: no limit), as Flower's Grid does. Messages
+        still unsent at the timeout are never sent."""
+        unsent = list(messages)
+        window = self.max_in_flight or len(unsent)
         end = None if timeout is None else time.monotonic() + timeout
+        waiting: set[str] = set()
         replies: list[Message] = []
         pause = self.first_pause_s
-        while waiting:
+        while unsent or waiting:
+            if unsent and len(waiting) < window:
+                batch, unsent = unsent[: window - len(waiting)], unsent[window - len(waiting) :]
+                waiting.update(self.push_messages(batch))
             got = list(self.pull_messages(waiting))
             replies.extend(got)
             waiting.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not waiting or (end is not None and time.monotonic() >= end):
+            if not (unsent or waiting) or (end is not None and time.monotonic() >= end):
                 break
+            if got and unsent:
+                continue  # refill the window at once
             time.sleep(pause if end is None else max(0.0, min(pause, end - time.monotonic())))
             pause = min(pause * 2, self.max_pause_s)
         return replies

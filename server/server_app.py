@@ -55,7 +55,9 @@ def create_app(base: Config | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = (base or Config()).merged(context.run_config)
-        run_federation(PromptGrid(grid), cfg, run_id=context.run_id)
+        run_federation(
+            PromptGrid(grid, max_in_flight=cfg.max_in_flight), cfg, run_id=context.run_id
+        )
 
     return app
 

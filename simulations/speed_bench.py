@@ -14,8 +14,10 @@ a federated pass costs against a central epoch, measured side by side in one run
    evaluation), run in-process (the ServerApp, strategy and ClientApp code alone,
    simulations/inprocess.py) and through Flower's simulation runtime (simulations/run.py, real
    SuperLink, Ray workers), against one central epoch of the same model; all use both cores.
-   The difference between the two federated timings is what Flower's runtime costs. The same
-   pass of the k = 1 scenario (simulations/configs/bench-fed-k1.toml) runs in-process.
+   The difference between the two federated timings is what Flower's runtime costs. The
+   Flower pass runs twice: with the scenario's `max-in-flight` window and with every message
+   of a round sent at once (0, Flower's own way). The same pass of the k = 1 scenario
+   (simulations/configs/bench-fed-k1.toml) runs in-process.
 
 Writes simulations/results/speed.json, speed.md and the docs/results.md block between
 <!-- results:speed --> markers.
@@ -197,9 +199,12 @@ class CpuByProcess:
         return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
-def federated_pass(scenario: Path, *, flower: bool, work: Path) -> dict:
+def federated_pass(
+    scenario: Path, *, flower: bool, work: Path, max_in_flight: int | None = None
+) -> dict:
     """Rounds of the benchmark scenario that train as many clients as there are (a tenth per
-    round: ten rounds), without evaluation: their seconds and the per-client time split."""
+    round: ten rounds), without evaluation: their seconds and the per-client time split.
+    `max_in_flight` replaces the scenario's window (None: the scenario's)."""
     spec = tomllib.loads(scenario.read_text())
     fraction = float(spec["run"]["fraction-train"])
     rounds = max(round(1.0 / fraction), 1)
@@ -208,6 +213,9 @@ def federated_pass(scenario: Path, *, flower: bool, work: Path) -> dict:
         "fraction-evaluate": 0.0,
         "central-eval": False,
     }
+    if max_in_flight is not None:
+        overrides["max-in-flight"] = max_in_flight
+    window = int(overrides.get("max-in-flight", spec["run"].get("max-in-flight", 0)))
     out = work / ("flower" if flower else "inprocess")
     cfg_k = spec["run"].get("adapter-k", 0)
     if flower:
@@ -240,8 +248,13 @@ def federated_pass(scenario: Path, *, flower: bool, work: Path) -> dict:
         values = [r[key] for r in trained if r.get(key) is not None]
         return sum(values) / len(values) if values else None
 
+    runtime = "in-process"
+    if flower:
+        out_at_once = f"{window} messages" if window else "all messages"
+        runtime = f"Flower simulation (SuperLink, Ray), {out_at_once} out"
     return {
-        "runtime": "Flower simulation (SuperLink, Ray)" if flower else "in-process",
+        "runtime": runtime,
+        "max_in_flight": window,
         "adapter_k": int(cfg_k),
         "workers": workers,
         "rounds": len(trained),
@@ -308,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="fedrec-speed-benchmark",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Takes about 15 minutes on a 2-core CPU.",
+        epilog="Takes about 20 minutes on a 2-core CPU.",
     )
     parser.add_argument(
         "--baseline-rev",
@@ -352,28 +365,36 @@ def main(argv: list[str] | None = None) -> int:
                 after[name]["targets_per_s"] / before["targets_per_s"]
             )
 
-    passes = []
-    runs = [("bench-fed.toml", False), ("bench-fed-k1.toml", False)]
+    # (scenario, through Flower, window): None is the scenario's window, 0 all at once
+    runs = [("bench-fed.toml", False, None), ("bench-fed-k1.toml", False, None)]
     if not args.skip_flower:
-        runs.insert(1, ("bench-fed.toml", True))
+        runs[1:1] = [("bench-fed.toml", True, None), ("bench-fed.toml", True, 0)]
+    passes = []
     with tempfile.TemporaryDirectory(prefix="fedrec-pass-") as tmp:
-        for i, (scenario, flower) in enumerate(runs):
+        for i, (scenario, flower, window) in enumerate(runs):
             where = "Flower runtime" if flower else "in-process"
+            where += "" if window is None else f", max-in-flight {window}"
             print(f"== federated pass, {scenario}, {where}", flush=True)
             passes.append(
-                federated_pass(CONFIGS / scenario, flower=flower, work=Path(tmp) / str(i))
+                federated_pass(
+                    CONFIGS / scenario, flower=flower, work=Path(tmp) / str(i), max_in_flight=window
+                )
             )
             print(json.dumps(passes[-1]), flush=True)
-    k0 = [p for p in passes if p["adapter_k"] == 0]
+    inprocess, *flower_passes = [p for p in passes if p["adapter_k"] == 0]
     central_s = after["bench-central"]["seconds_per_epoch"]
-    for p in k0:
+    for p in (inprocess, *flower_passes):
         ratios[f"federated pass ({p['runtime']}) / central epoch, k = 0"] = p["seconds"] / central_s
-    if len(k0) == 2:  # what Flower's runtime adds, per client update, in wall seconds
+    if flower_passes:  # what Flower's runtime adds, per client update, in wall seconds
+        windowed, at_once = flower_passes
         ratios["Flower runtime's added wall seconds per client update"] = (
-            k0[1]["seconds"] - k0[0]["seconds"]
-        ) / k0[1]["clients"]
+            windowed["seconds"] - inprocess["seconds"]
+        ) / windowed["clients"]
+        ratios[f"Flower pass, {windowed['max_in_flight']} messages out / all out at once"] = (
+            windowed["seconds"] / at_once["seconds"]
+        )
     k1 = next(p for p in passes if p["adapter_k"] == 1)
-    ratios["federated pass k = 1 / k = 0 (in-process)"] = k1["seconds"] / k0[0]["seconds"]
+    ratios["federated pass k = 1 / k = 0 (in-process)"] = k1["seconds"] / inprocess["seconds"]
 
     result = {
         "epochs": epochs,

@@ -50,10 +50,12 @@ class SlowRepliesGrid(Grid):
         ids = []
         for i, msg in enumerate(messages):
             msg.metadata.__dict__["_message_id"] = f"m{i}"
-            ready = self.clock.now + self.delay_s * (i + 1)
-            self.pending[f"m{i}"] = (ready, Message(RecordDict(), reply_to=msg))
+            self.pending[f"m{i}"] = (self.ready_at(), Message(RecordDict(), reply_to=msg))
             ids.append(f"m{i}")
         return ids
+
+    def ready_at(self) -> float:
+        return self.clock.now + self.delay_s * (len(self.pending) + 1)
 
     def pull_messages(self, message_ids):
         ready = [
@@ -98,3 +100,58 @@ def test_no_messages_return_at_once_and_the_rest_is_the_wrapped_grids(clock):
     assert list(grid.send_and_receive([], timeout=None)) == []
     assert clock.pauses == []
     assert list(grid.get_node_ids()) == [1, 2, 3]
+
+
+class WorkersGrid(SlowRepliesGrid):
+    """Like a simulation: `workers` take the pushed messages in turn, `delay_s` each; it
+    counts the messages out (pushed, reply not yet pulled) at every push."""
+
+    def __init__(self, clock: FakeClock, delay_s: float, workers: int):
+        super().__init__(clock, delay_s)
+        self.free_at = [0.0] * workers
+        self.pushed = 0
+        self.out_at_push: list[int] = []
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            key = f"m{self.pushed}"
+            self.pushed += 1
+            msg.metadata.__dict__["_message_id"] = key
+            self.pending[key] = (self.ready_at(), Message(RecordDict(), reply_to=msg))
+            ids.append(key)
+        self.out_at_push.append(len(self.pending))
+        return ids
+
+    def ready_at(self) -> float:
+        worker = min(range(len(self.free_at)), key=self.free_at.__getitem__)
+        self.free_at[worker] = max(self.free_at[worker], self.clock.now) + self.delay_s
+        return self.free_at[worker]
+
+
+def test_a_window_keeps_few_messages_out_and_still_collects_every_reply(clock):
+    inner = WorkersGrid(clock, delay_s=1.0, workers=2)
+    grid = PromptGrid(inner, max_in_flight=4)
+    replies = list(grid.send_and_receive(_messages(grid, 20), timeout=None))
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(
+        f"m{i}" for i in range(20)
+    )
+    assert max(inner.out_at_push) == 4  # never more than the window out at once
+    # two workers stay busy: 20 messages of 1 s take 10 s, plus at most one pause at the end
+    assert 10.0 <= clock.now <= 10.0 + MAX_PAUSE_S
+
+
+def test_without_a_window_everything_goes_out_at_once(clock):
+    inner = WorkersGrid(clock, delay_s=1.0, workers=2)
+    replies = list(PromptGrid(inner).send_and_receive(_messages(inner, 20), timeout=None))
+    assert len(replies) == 20 and inner.out_at_push == [20]
+
+
+def test_a_windowed_round_that_times_out_never_sends_the_rest(clock):
+    inner = WorkersGrid(clock, delay_s=1.0, workers=2)
+    grid = PromptGrid(inner, max_in_flight=2)
+    replies = list(grid.send_and_receive(_messages(grid, 20), timeout=3.5))
+    assert len(replies) == 6 and inner.pushed == 8  # 3 s of two workers; 2 out at the end
+    assert clock.now == pytest.approx(3.5)
+    with pytest.raises(ValueError, match="max_in_flight"):
+        PromptGrid(inner, max_in_flight=-1)
