@@ -510,6 +510,8 @@ def _quantized(model: Recommender) -> Recommender:
     """Dynamic int8 quantization of the Linear layers of the user tower and item head."""
     quantize = torch.ao.quantization.quantize_dynamic
     model.user = quantize(model.user, {nn.Linear}, dtype=torch.qint8)
-    model.items.adapter = quantize(model.items.adapter, {nn.Linear}, dtype=torch.qint8)
-    model.items.proj = quantize(nn.Sequential(model.items.proj), {nn.Linear}, dtype=torch.qint8)[0]
+    if model.items.text:
+        items = model.items
+        items.adapter = quantize(items.adapter, {nn.Linear}, dtype=torch.qint8)
+        items.proj = quantize(nn.Sequential(items.proj), {nn.Linear}, dtype=torch.qint8)[0]
     return model

@@ -62,6 +62,10 @@ class Config:
     bottleneck_dim: int = field(default=64, metadata=_doc("Bottleneck adapter width."))
     model_dim: int = field(default=64, metadata=_doc("Width of item and user vectors."))
     item_id_embedding: bool = field(default=True, metadata=_doc("Add a learned id embedding."))
+    item_text: bool = field(
+        default=True,
+        metadata=_doc("Read item texts (false = id embedding alone: the id-only baseline)."),
+    )
     # --- user tower -----------------------------------------------------------------
     history_len: int = field(default=50, metadata=_doc("Most recent items the user tower sees."))
     window_stride: int = field(
@@ -261,6 +265,12 @@ class Config:
             raise ValueError(f"round-timeout-s must be positive, got {self.round_timeout_s}.")
         if self.adapter_k < 0:
             raise ValueError(f"adapter-k must be 0 or more, got {self.adapter_k}.")
+        if not self.item_text and (self.adapter_k or not self.item_id_embedding):
+            raise ValueError(
+                "item-text = false (the id-only model) needs item-id-embedding = true and "
+                f"adapter-k = 0, got item-id-embedding = {str(self.item_id_embedding).lower()} "
+                f"and adapter-k = {self.adapter_k}."
+            )
         if self.model_dim % self.user_heads:
             raise ValueError(
                 f"model-dim ({self.model_dim}) must be divisible by user-heads ({self.user_heads})."

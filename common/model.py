@@ -83,13 +83,17 @@ class ItemTower(nn.Module):
                     module.p = 0.0
             # Injected after the blocks exist and sit on their device (opacus#820).
             inject_adapter_in_model(lora_config(cfg), self.blocks)
-        self.adapter = Bottleneck(hidden_size, cfg.bottleneck_dim, cfg.dropout)
-        self.proj = nn.Linear(hidden_size, cfg.model_dim)
+        self.text = cfg.item_text
+        if self.text:
+            self.adapter = Bottleneck(hidden_size, cfg.bottleneck_dim, cfg.dropout)
+            self.proj = nn.Linear(hidden_size, cfg.model_dim)
         self.id_embedding = (
             nn.Embedding(num_items, cfg.model_dim) if cfg.item_id_embedding else None
         )
-        if self.id_embedding is not None:
+        if self.id_embedding is not None and self.text:
             nn.init.zeros_(self.id_embedding.weight)  # text first; ids learn the residual
+        elif self.id_embedding is not None:  # the id-only baseline: ids alone, BERT-style init
+            nn.init.normal_(self.id_embedding.weight, std=0.02)
 
     def pooled(self, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per record: (B, K, T, H) | (B, K, H) -> (B, K, H), items of a record packed in one
@@ -121,8 +125,15 @@ class ItemTower(nn.Module):
         return mean_pool(x, mask)
 
     def head(self, pooled: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
-        """Adapter, projection and id embedding: (..., H), (...) -> (..., D)."""
-        v = self.proj(self.adapter(pooled))
+        """Adapter, projection and id embedding: (..., H), (...) -> (..., D).
+
+        A new item (an id past the embedding's rows) gets its text's vector alone; without text
+        (the id-only baseline) it gets the zero vector: such a model cannot tell new items apart.
+        """
+        if self.text:
+            v = self.proj(self.adapter(pooled))
+        else:
+            v = pooled.new_zeros(*pooled.shape[:-1], self.id_embedding.embedding_dim)
         if self.id_embedding is not None:
             known = item_ids < self.id_embedding.num_embeddings  # new items: text alone
             ids = torch.where(known, item_ids, torch.zeros_like(item_ids))

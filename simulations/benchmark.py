@@ -27,6 +27,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,11 @@ from common.metrics import peak_rss_mb
 from common.rounds import read_rows
 from simulations import report
 from simulations.report import CONFIGS, README, RESULTS, ROOT
+
+if TYPE_CHECKING:  # torch-backed types: imported where used, so --help answers at once
+    from common.backbone import ItemStates
+    from common.data import UserSplit
+    from common.model import Recommender
 
 QUALITY_FILE = "quality_ml100k.json"
 MARK_BEGIN, MARK_END = "<!-- results:quality -->", "<!-- /results:quality -->"
@@ -54,18 +60,24 @@ def popularity_row(cfg: Config) -> dict:
     return _row("popularity", [run], federated=False, k=None)
 
 
-def central_run(cfg: Config, *, epochs: int, patience: int, name: str) -> dict:
-    """One seed: train on every user's data at once, epoch by epoch; test the best epoch."""
-    # torch, the model and the trainer: imported where used, so --help answers at once
-    from common.task import build_model, eval_cases, item_states, load_data, train_records
+def train_central(
+    cfg: Config,
+    *,
+    items: ItemStates,
+    users: list[UserSplit],
+    num_items: int,
+    epochs: int,
+    patience: int,
+    name: str,
+) -> tuple[Recommender, dict]:
+    """Train on every user's data at once, epoch by epoch, and load the epoch that scored best
+    on the users' validation items (the test split is not read). Returns the model and the run's
+    curve: model selection as the central rows and the cold-item protocol do it."""
+    from common.task import build_model, eval_cases, train_records
     from common.train import evaluate, train
     from common.weights import load_trainable_state, trainable_state
 
-    start = time.perf_counter()
-    dataset, splits = load_data(cfg)
-    items = item_states(cfg, dataset.catalog)
-    model = build_model(cfg, num_items=len(dataset.catalog))
-    users = list(splits)
+    model = build_model(cfg, num_items=num_items)
     records = train_records(cfg, users)
     valid = eval_cases(users, "valid")
     best, best_state, best_epoch, curve = -1.0, None, 0, []
@@ -94,14 +106,40 @@ def central_run(cfg: Config, *, epochs: int, patience: int, name: str) -> dict:
         elif epoch - best_epoch >= patience:
             break
     load_trainable_state(model, best_state)
-    test, _ = evaluate(model=model, cfg=cfg, items=items, cases=eval_cases(users, "test"))
-    return {
-        "seed": cfg.seed,
-        **test,
+    return model, {
         "val_ndcg@10": best,
         "best_epoch": best_epoch,
         "epochs": len(curve),
         "seconds_per_epoch": float(np.mean([c["seconds"] for c in curve])),
+        "curve": curve,
+    }
+
+
+def central_run(cfg: Config, *, epochs: int, patience: int, name: str) -> dict:
+    """One seed: train on every user's data at once, epoch by epoch; test the best epoch."""
+    # torch, the model and the trainer: imported where used, so --help answers at once
+    from common.task import eval_cases, item_states, load_data
+    from common.train import evaluate
+
+    start = time.perf_counter()
+    dataset, splits = load_data(cfg)
+    items = item_states(cfg, dataset.catalog)
+    users = list(splits)
+    model, run = train_central(
+        cfg,
+        items=items,
+        users=users,
+        num_items=len(dataset.catalog),
+        epochs=epochs,
+        patience=patience,
+        name=name,
+    )
+    test, _ = evaluate(model=model, cfg=cfg, items=items, cases=eval_cases(users, "test"))
+    curve = run.pop("curve")
+    return {
+        "seed": cfg.seed,
+        **test,
+        **run,
         "wall_s": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
         "curve": curve,

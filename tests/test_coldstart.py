@@ -1,0 +1,236 @@
+"""The strict cold-item protocol (simulations/coldstart.py) and the id-only model it compares."""
+
+import numpy as np
+import pytest
+import torch
+
+from common.backbone import ItemStates
+from common.config import Config
+from common.data import Catalog, Dataset, Interactions
+from common.metrics import rank_of_target, ranking_metrics
+from simulations.coldstart import (
+    case_metrics,
+    cold_split,
+    expected_metrics,
+    model_scores,
+    reference_rows,
+)
+from tests.tiny import HIDDEN, NUM_ITEMS, tiny_setup
+
+
+def dataset(num_users: int = 6, length: int = 10, seed: int = 0) -> Dataset:
+    """Users who each meet `length` distinct items, with shuffled rows and tied timestamps."""
+    rng = np.random.default_rng(seed)
+    catalog = Catalog(
+        tuple(f"i{j}" for j in range(NUM_ITEMS)), tuple(f"item {j}" for j in range(NUM_ITEMS))
+    )
+    user, item, stamp = [], [], []
+    for u in range(num_users):
+        user += [u] * length
+        item += rng.permutation(NUM_ITEMS)[:length].tolist()
+        stamp += (np.arange(length) // 2).tolist()  # pairs share a timestamp: file order decides
+    return Dataset(
+        catalog,
+        Interactions(
+            np.array(user),
+            np.array(item),
+            np.array(stamp),
+            tuple(f"u{u}" for u in range(num_users)),
+        ),
+        "toy",
+    )
+
+
+def test_cold_items_never_reach_training_or_validation_and_every_cold_interaction_is_a_case():
+    data = dataset()
+    split = cold_split(data, fraction=0.25, seed=3)
+    assert split.num_cold == 6 and split.num_warm == NUM_ITEMS - 6
+    # the full catalog is a reordering of the original, warm items first, texts kept with ids
+    assert sorted(split.full.item_ids) == sorted(data.catalog.item_ids)
+    assert split.full.item_ids[: split.num_warm] == split.warm.item_ids
+    for item_id, text in zip(split.full.item_ids, split.full.texts, strict=True):
+        assert data.catalog.texts[data.catalog.index_of(item_id)] == text
+    cold_ids = set(split.full.item_ids[split.num_warm :])
+    for u in split.users:
+        held = np.r_[u.train, [i for i in (u.valid, u.test) if i >= 0]]
+        assert held.max() < split.num_warm  # warm indices only
+    cold_rows = sum(data.catalog.item_ids[i] in cold_ids for i in data.interactions.item)
+    assert len(split.cases) == cold_rows
+    # each case: the user's sequence (file order within a timestamp) before the cold item
+    for case in split.cases:
+        rows = np.flatnonzero(data.interactions.user == case.user)
+        order = rows[np.lexsort((rows, data.interactions.timestamp[rows]))]
+        sequence = [
+            split.full.index_of(data.catalog.item_ids[i]) for i in data.interactions.item[order]
+        ]
+        before = sequence[: sequence.index(case.target)]
+        assert case.target >= split.num_warm
+        assert case.history.tolist() == [i for i in before if i < split.num_warm]
+        assert sorted(case.seen.tolist()) == sorted(before)
+
+
+def test_the_cold_items_depend_on_the_split_seed_alone():
+    a, b, c = (cold_split(dataset(), fraction=0.25, seed=s) for s in (3, 3, 4))
+    assert a.full.item_ids == b.full.item_ids
+    assert a.full.item_ids != c.full.item_ids
+    with pytest.raises(ValueError, match="fraction"):
+        cold_split(dataset(), fraction=1.0)
+
+
+def brute_force(greater: int, ties: int, k: int) -> dict[str, float]:
+    """The mean of the ranking metrics over every position the tied items can leave the target."""
+    ranks = np.array([greater + 1 + place for place in range(ties + 1)])
+    return ranking_metrics(ranks, k)
+
+
+@pytest.mark.parametrize(
+    "greater, ties", [(0, 0), (3, 0), (0, 25), (7, 5), (9, 0), (12, 4), (4, 30)]
+)
+def test_expected_metrics_average_every_order_of_the_tied_items(greater, ties):
+    got = expected_metrics(np.array([greater]), np.array([ties]), k=10)
+    want = brute_force(greater, ties, 10)
+    for name, value in want.items():
+        assert got[name][0] == pytest.approx(value, abs=1e-12)
+
+
+def test_without_ties_the_expected_metrics_are_the_projects_ranking_metrics():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(40, 30))
+    targets = rng.integers(0, 30, size=40)
+    greater = np.array([np.sum(s > s[t]) for s, t in zip(scores, targets, strict=True)])
+    ranks = [rank_of_target(s, t) for s, t in zip(scores, targets, strict=True)]
+    got = expected_metrics(greater, np.zeros(40, dtype=np.int64))
+    for name, value in ranking_metrics(np.array(ranks)).items():
+        assert got[name].mean() == pytest.approx(value)
+
+
+def test_random_ranking_among_the_cold_items_scores_the_chance_of_a_uniform_order():
+    split = cold_split(dataset(), fraction=0.5, seed=1)  # 12 cold items: some cases beyond k
+    random, popularity = reference_rows(split)
+    # chance: k / candidates, where a case's candidates are the cold items it has not met
+    chance = [
+        min(10, n) / n
+        for n in (split.num_cold - np.count_nonzero(c.seen >= split.num_warm) for c in split.cases)
+    ]
+    assert random["cold"]["hr@10"] == pytest.approx(np.mean(chance))
+    # popularity has no count for any cold item: among them it is random
+    assert popularity["cold"] == pytest.approx(random["cold"])
+
+
+def test_a_scorer_that_knows_the_target_ranks_it_first_in_both_scopes():
+    split = cold_split(dataset(), fraction=0.25, seed=3)
+    scores = np.zeros((len(split.cases), len(split.full)))
+    for i, case in enumerate(split.cases):
+        scores[i, case.target] = 1.0
+    for scope in ("cold", "all"):
+        assert case_metrics(scores, split, scope)["ndcg@10"] == pytest.approx(
+            np.ones(len(split.cases))
+        )
+
+
+def test_text_scores_new_items_apart_and_the_id_only_model_cannot():
+    """Built over the warm items only, a model scores a cold item from its text; the id-only
+    model gives every cold item the zero vector, so it ranks them as chance does."""
+    split = cold_split(dataset(), fraction=0.25, seed=3)
+    states = torch.randn(NUM_ITEMS, HIDDEN, generator=torch.Generator().manual_seed(0))
+    items = ItemStates(states, torch.ones(NUM_ITEMS, 1, dtype=torch.bool))
+    for text, distinct in ((True, True), (False, False)):
+        cfg, _, _, _ = tiny_setup(0, item_text=text)
+        from common.model import Recommender
+
+        model = Recommender(cfg, hidden_size=HIDDEN, num_items=split.num_warm, blocks=None)
+        scores = model_scores(model, cfg, items, split)
+        cold = scores[:, split.num_warm :]
+        assert (np.ptp(cold, axis=1) > 0).all() == distinct
+        if not distinct:
+            random, _ = reference_rows(split)
+            assert case_metrics(scores, split, "cold")["hr@10"].mean() == pytest.approx(
+                random["cold"]["hr@10"]
+            )
+
+
+def test_the_id_only_model_has_no_text_layers_and_needs_ids():
+    cfg, model, _, _ = tiny_setup(0, item_text=False)
+    names = [n for n, _ in model.named_parameters()]
+    assert not [n for n in names if "adapter" in n or "proj" in n]
+    with pytest.raises(ValueError, match="item-text = false"):
+        tiny_setup(0, item_text=False, item_id_embedding=False)
+    with pytest.raises(ValueError, match="adapter-k"):
+        tiny_setup(1, item_text=False)
+
+
+def test_served_cold_items_land_where_the_protocol_ranks_them(tmp_path, tiny_backbone):
+    """End to end: a model trained by the protocol is served over the warm catalog, the cold
+    items are added over HTTP, and each cold interaction's served rank is its in-process rank
+    (the freshness harness's numbers are the protocol's, not another measurement)."""
+    from fastapi.testclient import TestClient
+
+    from client.recommender import LocalRecommender
+    from client.service import create_service
+    from common.data import load_catalog
+    from common.task import build_model, item_states, load_data
+    from common.weights import load_model_dir, load_trainable_state
+    from simulations.coldstart import CASES_FILE, COLD_ITEMS, WARM_ITEMS, variant_run, write_split
+    from simulations.freshness import (
+        TOP,
+        add_all,
+        first_appearance,
+        history_update,
+        landing_ranks,
+        read_cases,
+        read_items,
+    )
+    from tests.fixtures import make_synthetic_dataset
+    from tests.test_recommender import TINY
+
+    cfg = Config(
+        dataset="path",
+        data_path=str(make_synthetic_dataset(tmp_path / "data", num_users=30)),
+        backbone=str(tiny_backbone),
+        cache_dir=str(tmp_path / "cache"),
+        **TINY,
+    )
+    data, _ = load_data(cfg)
+    split = cold_split(data, fraction=0.2, seed=0)
+    items = item_states(cfg, split.full)
+    models = tmp_path / "models"
+    write_split(split, models)
+    run = variant_run(
+        cfg, split, items, epochs=2, patience=2, name="hybrid", save_to=models / "hybrid-seed42"
+    )
+    assert set(run) >= {"cold", "all", "val_ndcg@10"}
+
+    model = build_model(cfg, num_items=split.num_warm)
+    load_trainable_state(model, load_model_dir(models / "hybrid-seed42")[0])
+    scores = model_scores(model, cfg, items, split)
+    expected = []
+    for i, case in enumerate(split.cases):
+        others = np.delete(scores[i], np.r_[case.seen, case.target].astype(np.int64))
+        rank = 1 + int(np.count_nonzero(others > scores[i, case.target]))
+        expected.append(rank if rank <= TOP else 0)
+
+    token = "test-token-0123456789"
+    rec = LocalRecommender.load(
+        models / "hybrid-seed42",
+        catalog=load_catalog(models / WARM_ITEMS),
+        device="cpu",
+        runtime="torch",
+    )
+    client = TestClient(create_service(rec, token=token))
+
+    def post(path: str, body: dict) -> dict:
+        answer = client.post(path, json=body, headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    cold, cases = read_items(models / COLD_ITEMS), read_cases(models / CASES_FILE)
+    assert len(cases) == len(split.cases)
+    targets = {c["target"] for c in cases}
+    first = [item for item in cold if item[0] in targets][:2]
+    firsts = first_appearance(post, cases, first)
+    assert [f["item_id"] for f in firsts] == [i for i, _ in first]
+    add_all(post, [item for item in cold if item not in first])
+    assert client.get("/health").json()["items"] == len(split.full)
+    assert landing_ranks(post, cases).tolist() == expected
+    update = history_update(post, cases[:5])
+    assert update["users"] == 5 and update["added_item_recommended"] == 0

@@ -1,0 +1,63 @@
+"""fedrec-report: REPORT.md and its plots, from result files alone."""
+
+import json
+from pathlib import Path
+
+from simulations import evidence
+
+
+def quality_rows() -> list[dict]:
+    def row(name, ndcg, *, federated, seeds, eps=None, best=None, per_client=None):
+        per_seed = [
+            {"seed": s, "ndcg@10": ndcg, "hr@10": 2 * ndcg, "best_round": best} for s in seeds
+        ]
+        return {
+            "name": name,
+            "federated": federated,
+            "runtime": "flower" if federated else None,
+            "ndcg@10": ndcg,
+            "ndcg@10_std": 0.001 if len(seeds) > 1 else None,
+            "hr@10": 2 * ndcg,
+            "hr@10_std": 0.002 if len(seeds) > 1 else None,
+            "val_ndcg@10": ndcg + 0.02,
+            "dp_epsilon": eps,
+            "bytes_per_client_per_round": per_client,
+            "clients_per_round": 10.0 if federated else None,
+            "per_seed": per_seed,
+        }
+
+    return [
+        row("popularity", 0.04, federated=False, seeds=[None]),
+        row("central-k0", 0.10, federated=False, seeds=[42, 43, 44]),
+        row("fed-k0", 0.09, federated=True, seeds=[42, 43], best=20, per_client=800_000.0),
+        row("fed-k0-dp-eps8", 0.05, federated=True, seeds=[42], eps=8.0, best=10, per_client=1e5),
+    ]
+
+
+def write_results(directory: Path) -> None:
+    (directory / evidence.QUALITY).write_text(json.dumps(quality_rows()))
+    lines = [
+        {"round": r, "bytes_down": 100, "bytes_up": 50, "val_ndcg@10": r / 100} for r in (0, 10, 20)
+    ]
+    (directory / "fed-k0.metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+
+
+def test_the_report_is_written_from_the_result_files(tmp_path: Path) -> None:
+    write_results(tmp_path)
+    text = evidence.write_report(tmp_path).read_text()
+    assert "| fed-k0 | flower | 2 | 0.0900 ± 0.0010 | 0.1800 ± 0.0020 |" in text
+    # bytes to the selected round: 800,000 a client x 10 clients x round 20
+    assert "| fed-k0 | 800,000 | 10 | 20 | 0.16 GB |" in text
+    assert "| 8.00 | 1e-05 | user | fed-k0-dp-eps8 | 1 | 0.0500 |" in text
+    assert "| ∞ (no DP) | — | — | fed-k0 | 2 | 0.0900 ± 0.0010 |" in text
+    assert "run `fedrec-coldstart`" in text and "run `fedrec-freshness`" in text
+    assert "No GPU was measured" in text
+    for name in ("rounds", "privacy", "bytes"):
+        assert (tmp_path / evidence.PLOTS[name]).stat().st_size > 1000
+    assert not (tmp_path / evidence.PLOTS["coldstart"]).exists()  # no coldstart.json
+
+
+def test_the_backbone_counterfactual_counts_the_bundled_weights() -> None:
+    params, size = evidence.backbone_bytes()
+    assert 22_000_000 < params < 23_000_000  # all-MiniLM-L6-v2
+    assert size == 2 * params
