@@ -164,9 +164,10 @@ def eval_cases(users: list[UserSplit], split: str) -> list[EvalCase]:
     return cases
 
 
-def popularity_metrics(users: list[UserSplit], num_items: int, split: str) -> dict[str, float]:
-    """The popularity baseline on `split`: items ranked by how often they occur before that
-    split's targets (train interactions, plus the validation item for the test split)."""
+def popularity_ranks(users: list[UserSplit], num_items: int, split: str) -> np.ndarray:
+    """The popularity baseline's rank of each `split` case (eval_cases' order): items ranked
+    by how often they occur before that split's targets (train interactions, plus the
+    validation item for the test split)."""
     counts = np.zeros(num_items)
     for u in users:
         np.add.at(counts, u.train, 1.0)
@@ -174,5 +175,9 @@ def popularity_metrics(users: list[UserSplit], num_items: int, split: str) -> di
             counts[u.valid] += 1.0
     # a tiny id-based jitter breaks count ties deterministically (ties would count against)
     scores = counts + np.linspace(0, 1e-3, num_items)
-    ranks = [rank_of_target(scores, c.target, c.exclude) for c in eval_cases(users, split)]
-    return ranking_metrics(np.array(ranks))
+    return np.array([rank_of_target(scores, c.target, c.exclude) for c in eval_cases(users, split)])
+
+
+def popularity_metrics(users: list[UserSplit], num_items: int, split: str) -> dict[str, float]:
+    """The popularity baseline's HR@10 / NDCG@10 / MRR@10 on `split` (popularity_ranks)."""
+    return ranking_metrics(popularity_ranks(users, num_items, split))

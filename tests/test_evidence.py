@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from simulations import evidence
 
 
@@ -51,6 +53,7 @@ def test_the_report_is_written_from_the_result_files(tmp_path: Path) -> None:
     assert "| 8.00 | 1e-05 | user | fed-k0-dp-eps8 | 1 | 0.0500 |" in text
     assert "| ∞ (no DP) | — | — | fed-k0 | 2 | 0.0900 ± 0.0010 |" in text
     assert "run `fedrec-coldstart`" in text and "run `fedrec-freshness`" in text
+    assert "run `fedrec-paired`" in text
     assert "No GPU was measured" in text
     for name in ("rounds", "privacy", "bytes"):
         assert (tmp_path / evidence.PLOTS[name]).stat().st_size > 1000
@@ -61,3 +64,32 @@ def test_the_backbone_counterfactual_counts_the_bundled_weights() -> None:
     params, size = evidence.backbone_bytes()
     assert 22_000_000 < params < 23_000_000  # all-MiniLM-L6-v2
     assert size == 2 * params
+
+
+def test_the_paired_bootstrap_matches_the_normal_approximation() -> None:
+    import numpy as np
+
+    from simulations.paired import bootstrap
+
+    rng = np.random.default_rng(1)
+    diff = rng.normal(0.01, 0.1, size=2000)
+    got = bootstrap(diff, resamples=4000)
+    half = 1.96 * diff.std() / np.sqrt(len(diff))
+    assert got["mean"] == diff.mean()
+    assert got["ci95"][0] == pytest.approx(diff.mean() - half, abs=0.15 * half)
+    assert got["ci95"][1] == pytest.approx(diff.mean() + half, abs=0.15 * half)
+    # a constant difference has no spread; a centred one sits at or below zero half the time
+    assert bootstrap(np.full(50, 0.02), resamples=200)["ci95"] == pytest.approx([0.02, 0.02])
+    assert bootstrap(np.full(50, 0.02), resamples=200)["share_at_or_below_zero"] == 0.0
+    centred = bootstrap(diff - diff.mean(), resamples=4000)["share_at_or_below_zero"]
+    assert 0.45 < centred < 0.55
+
+
+def test_per_user_ndcg_averages_to_the_ranking_metric() -> None:
+    import numpy as np
+
+    from common.metrics import ranking_metrics
+    from simulations.paired import ndcg_per_user
+
+    ranks = np.array([1, 2, 10, 11, 500, 3])
+    assert ndcg_per_user(ranks).mean() == pytest.approx(ranking_metrics(ranks)["ndcg@10"])
