@@ -355,19 +355,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the cold items (0)")
     parser.add_argument("--epochs", type=int, default=40, help="most epochs of a run (40)")
     parser.add_argument("--patience", type=int, default=8, help="epochs without gain (8)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="another dataset instead of MovieLens-100K: a directory or file that "
+        "dataset = 'path' reads (GroupLens ml-1m, movies.csv + ratings.csv, or a generic CSV "
+        "pair; docs/running.md); results then go to coldstart-<name>.json",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument(
         "--models",
         type=Path,
-        default=Path("outputs/coldstart"),
         help="where the trained models, the warm and cold catalogs and the cases are kept for "
-        "fedrec-freshness (default: outputs/coldstart)",
+        "fedrec-freshness (default: outputs/coldstart, or outputs/coldstart-<name> with --data)",
     )
     args = parser.parse_args(argv)
+    suffix = f"-{args.data.resolve().name}" if args.data else ""
+    results_file = args.out / COLDSTART_FILE.replace(".json", f"{suffix}.json")
+    args.models = args.models or Path(f"outputs/coldstart{suffix}")
 
     from common.task import item_states, load_data  # torch: after --help
 
     base = Config.from_toml(CONFIGS / "bench-central.toml")
+    if args.data:
+        base = base.merged({"dataset": "path", "data-path": str(args.data)})
     dataset, _ = load_data(base)
     split = cold_split(dataset, fraction=args.fraction, seed=args.split_seed)
     print(
@@ -395,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name}: cold HR@10 {rows[-1]['cold']['hr@10']:.4f}", flush=True)
     result = {
         "protocol": "strict cold items",
+        "dataset": str(args.data) if args.data else "ml-100k",
         "items": len(split.full),
         "cold_items": split.num_cold,
         "fraction": args.fraction,
@@ -403,12 +415,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "users": len({c.user for c in split.cases}),
         "rows": rows,
     }
-    rows += kept_rows(args.out / COLDSTART_FILE, result, {r["name"] for r in rows})
+    rows += kept_rows(results_file, result, {r["name"] for r in rows})
     order = ["random", "popularity", *VARIANTS]
     result["rows"] = sorted(rows, key=lambda r: order.index(r["name"]))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / COLDSTART_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "coldstart.md").write_text(markdown(result))
+    results_file.write_text(json.dumps(result, indent=2) + "\n")
+    results_file.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     return 0
 

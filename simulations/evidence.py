@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from simulations.benchmark import QUALITY_FILE as QUALITY
+from simulations.coldstart import COLDSTART_FILE as COLDSTART
+from simulations.freshness import RESULT_FILE as FRESHNESS
+from simulations.paired import PAIRED_FILE as PAIRED
 from simulations.report import RESULTS, markdown_table
 
 REPORT = "REPORT.md"
-QUALITY = "quality_ml100k.json"
-COLDSTART, FRESHNESS, PAIRED = "coldstart.json", "freshness.json", "paired.json"
 # the harnesses `--run` can start, with what they cost on this 2-core machine
 HARNESSES = {
     "benchmark": (

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from common.flower.processes import FlowerProcess, free_port
-from simulations.coldstart import CASES_FILE, COLD_ITEMS, WARM_ITEMS
+from simulations.coldstart import CASES_FILE, COLD_ITEMS, COLDSTART_FILE, WARM_ITEMS
 from simulations.report import RESULTS, markdown_table
 
 RESULT_FILE = "freshness.json"
@@ -52,8 +53,6 @@ class Service(FlowerProcess):
     name = "fedrec-client serve"
 
     def __init__(self, *, model: Path, catalog: Path, token: str, log_path: Path):
-        import os
-
         self.port = free_port()
         self.token = token
         command = [
@@ -294,7 +293,7 @@ def markdown(result: dict, protocol: dict | None) -> str:
 
 def protocol_numbers(results: Path, model_name: str) -> dict | None:
     """The in-process 'all' numbers of the same model and seed, if coldstart.json has them."""
-    path = results / "coldstart.json"
+    path = results / COLDSTART_FILE
     if not path.exists():
         return None
     name, _, seed = model_name.rpartition("-seed")

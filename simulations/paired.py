@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from common.task import eval_cases, item_states, load_data, popularity_ranks
     from common.train import evaluate
-    from simulations.benchmark import train_central
+    from simulations.benchmark import QUALITY_FILE, train_central
 
     started = time.perf_counter()
     base = Config.from_toml(CONFIGS / "bench-central.toml")
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     users = list(splits)
     cases = eval_cases(users, "test")
     items = item_states(base, dataset.catalog)
-    quality = {r["name"]: r for r in json.loads((args.out / "quality_ml100k.json").read_text())}
+    quality = {r["name"]: r for r in json.loads((args.out / QUALITY_FILE).read_text())}
 
     fed, checks = [], []
     for seed in args.seeds:
