@@ -317,11 +317,15 @@ def markdown(result: dict) -> str:
     ]
     rows = {r["name"]: r for r in result["rows"]}
     if "hybrid" in rows:
-        hybrid = rows["hybrid"]["cold"]["hr@10"]
-        for ref in ("random", "id-only"):
+        lines.append("")
+        for ref in ("random", "id-only", "text-only"):
             if ref in rows and rows[ref]["cold"]["hr@10"] > 0:
+                ratios = [
+                    rows["hybrid"]["cold"][m] / rows[ref]["cold"][m] for m in ("hr@10", "ndcg@10")
+                ]
                 lines.append(
-                    f"\nhybrid / {ref}, cold HR@10: {hybrid / rows[ref]['cold']['hr@10']:.1f}x"
+                    f"- hybrid / {ref}, among the cold items: HR@10 {ratios[0]:.2f}x, "
+                    f"NDCG@10 {ratios[1]:.2f}x"
                 )
     return "\n".join(lines) + "\n"
 

@@ -27,6 +27,7 @@ import numpy as np
 from simulations.benchmark import QUALITY_FILE as QUALITY
 from simulations.coldstart import COLDSTART_FILE as COLDSTART
 from simulations.freshness import RESULT_FILE as FRESHNESS
+from simulations.local import LOCAL_FILE as LOCAL
 from simulations.paired import PAIRED_FILE as PAIRED
 from simulations.report import RESULTS, markdown_table
 
@@ -41,6 +42,7 @@ HARNESSES = {
     "coldstart": (["fedrec-coldstart"], "three variants, three seeds: about 75 minutes"),
     "freshness": (["fedrec-freshness"], "serves the hybrid cold-start model: about 2 minutes"),
     "paired": (["fedrec-paired"], "three seeds of the id-only baseline: about 25 minutes"),
+    "local": (["fedrec-local"], "943 users alone, three seeds: about 30 minutes"),
 }
 PLOTS = {
     "rounds": "report_rounds.png",
@@ -92,7 +94,16 @@ def quality_section(rows: list[dict]) -> str:
         for r in rows
     ]
     header = ["model", "federated", "seeds", "test NDCG@10", "test HR@10"]
-    return "## Quality (MovieLens-100K, test, full ranking)\n\n" + markdown_table(header, body)
+    text = "## Quality (MovieLens-100K, test, full ranking)\n\n" + markdown_table(header, body)
+    for r in rows:
+        if r["name"] == "local-only":
+            chosen = r["chosen"]
+            text += (
+                "\n\nlocal-only: each user trains the fed-k0 model alone on its own data "
+                f"(`fedrec-local`): Adam at {chosen['learning_rate']} for {chosen['epochs']} "
+                "local epochs, chosen on the validation items of a sample of users."
+            )
+    return text
 
 
 def privacy_section(rows: list[dict]) -> str:
@@ -311,6 +322,9 @@ def write_report(results: Path = RESULTS) -> Path:
     rows = read_json(results / QUALITY)
     if not rows:
         raise SystemExit(f"{results / QUALITY} is missing: run fedrec-benchmark first.")
+    local = read_json(results / LOCAL)
+    if local is not None:  # each client alone: a row of its own harness
+        rows.insert(1, {**local, "federated": False})
     cold = read_json(results / COLDSTART)
     fresh = read_json(results / FRESHNESS)
     fed = [r for r in rows if r["federated"]]

@@ -93,3 +93,37 @@ def test_per_user_ndcg_averages_to_the_ranking_metric() -> None:
 
     ranks = np.array([1, 2, 10, 11, 500, 3])
     assert ndcg_per_user(ranks).mean() == pytest.approx(ranking_metrics(ranks)["ndcg@10"])
+
+
+def test_local_only_trains_each_user_alone_from_one_start(tmp_path: Path, tiny_backbone) -> None:
+    """Checkpoints continue one run; every user restarts from the same initial weights."""
+    import numpy as np
+
+    from common.config import Config
+    from common.task import build_model, item_states, load_data
+    from common.weights import trainable_state
+    from simulations.local import EPOCHS, local_runs, run_seed, select
+    from tests.fixtures import make_synthetic_dataset
+    from tests.test_recommender import TINY
+
+    cfg = Config(
+        dataset="path",
+        data_path=str(make_synthetic_dataset(tmp_path / "data", num_users=6)),
+        backbone=str(tiny_backbone),
+        cache_dir=str(tmp_path / "cache"),
+        **TINY,
+    )
+    data, splits = load_data(cfg)
+    users, items = list(splits), item_states(cfg, data.catalog)
+    model = build_model(cfg, num_items=len(data.catalog))
+    init = trainable_state(model)
+    assert list(local_runs(cfg, users[0], items, model, init, 4)) == [1, 2, 4]
+    after_first = trainable_state(model)
+    list(local_runs(cfg, users[1], items, model, init, 1))
+    list(local_runs(cfg, users[0], items, model, init, 4))  # the same user again: same weights
+    for name, value in trainable_state(model).items():
+        assert np.array_equal(value, after_first[name]), name
+    best, grid = select(cfg, users, items, len(data.catalog))
+    assert len(grid) == 2 * len(EPOCHS) and best == max(grid, key=lambda g: g["val_ndcg@10"])
+    run = run_seed(cfg, users, items, len(data.catalog), 2)
+    assert run["users"] == len(users) and 0.0 <= run["ndcg@10"] <= run["hr@10"] <= 1.0
