@@ -39,8 +39,8 @@ HARNESSES = {
         "the quality rows, three seeds each: several hours (the rows in quality_ml100k.json "
         "took 3.1 hours of wall time one after another; --rows picks rows by name)",
     ),
-    "coldstart": (["fedrec-coldstart"], "three variants, three seeds: about 75 minutes"),
-    "freshness": (["fedrec-freshness"], "serves the hybrid cold-start model: about 2 minutes"),
+    "coldstart": (["fedrec-coldstart"], "three variants, three seeds: 64 minutes here"),
+    "freshness": (["fedrec-freshness"], "serves the hybrid cold-start model: 1 minute here"),
     "paired": (["fedrec-paired"], "three seeds of the id-only baseline: about 25 minutes"),
     "local": (["fedrec-local"], "943 users alone, three seeds: about 30 minutes"),
 }
