@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from common.backbone import ItemStates
-from common.config import Config
 from common.data import Catalog, Dataset, Interactions
 from common.metrics import rank_of_target, ranking_metrics
 from simulations.coldstart import (
@@ -180,16 +179,9 @@ def test_served_cold_items_land_where_the_protocol_ranks_them(tmp_path, tiny_bac
         read_cases,
         read_items,
     )
-    from tests.fixtures import make_synthetic_dataset
-    from tests.test_recommender import TINY
+    from tests.test_recommender import synthetic_config
 
-    cfg = Config(
-        dataset="path",
-        data_path=str(make_synthetic_dataset(tmp_path / "data", num_users=30)),
-        backbone=str(tiny_backbone),
-        cache_dir=str(tmp_path / "cache"),
-        **TINY,
-    )
+    cfg = synthetic_config(tmp_path, tiny_backbone)
     data, _ = load_data(cfg)
     split = cold_split(data, fraction=0.2, seed=0)
     items = item_states(cfg, split.full)

@@ -99,20 +99,12 @@ def test_local_only_trains_each_user_alone_from_one_start(tmp_path: Path, tiny_b
     """Checkpoints continue one run; every user restarts from the same initial weights."""
     import numpy as np
 
-    from common.config import Config
     from common.task import build_model, item_states, load_data
     from common.weights import trainable_state
     from simulations.local import EPOCHS, local_runs, run_seed, select
-    from tests.fixtures import make_synthetic_dataset
-    from tests.test_recommender import TINY
+    from tests.test_recommender import synthetic_config
 
-    cfg = Config(
-        dataset="path",
-        data_path=str(make_synthetic_dataset(tmp_path / "data", num_users=6)),
-        backbone=str(tiny_backbone),
-        cache_dir=str(tmp_path / "cache"),
-        **TINY,
-    )
+    cfg = synthetic_config(tmp_path, tiny_backbone, num_users=6)
     data, splits = load_data(cfg)
     users, items = list(splits), item_states(cfg, data.catalog)
     model = build_model(cfg, num_items=len(data.catalog))

@@ -22,15 +22,20 @@ from tests.tiny import TINY_CONFIG
 TINY = {**TINY_CONFIG, "max_tokens": 8, "learning_rate": 0.01}
 
 
-def trained(root: Path, backbone: Path, **changes) -> tuple[Path, Config]:
-    """A tiny model trained for a few epochs on the synthetic catalog, saved to a directory."""
-    cfg = Config(
+def synthetic_config(root: Path, backbone: Path, *, num_users: int = 30, **changes) -> Config:
+    """The tiny model over a synthetic dataset written under root (tests.fixtures)."""
+    return Config(
         dataset="path",
-        data_path=str(make_synthetic_dataset(root / "data", num_users=30)),
+        data_path=str(make_synthetic_dataset(root / "data", num_users=num_users)),
         backbone=str(backbone),
         cache_dir=str(root / "cache"),
         **{**TINY, **changes},
     )
+
+
+def trained(root: Path, backbone: Path, **changes) -> tuple[Path, Config]:
+    """A tiny model trained for a few epochs on the synthetic catalog, saved to a directory."""
+    cfg = synthetic_config(root, backbone, **changes)
     dataset, splits = load_data(cfg)
     model = build_model(cfg, num_items=len(dataset.catalog))
     items = item_states(cfg, dataset.catalog)
