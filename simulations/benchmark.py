@@ -386,6 +386,11 @@ def write_results(rows: list[dict], results_dir: Path, readme: Path = README) ->
     report.replace_block(readme, HEADLINE_BEGIN, HEADLINE_END, headline_table(rows))
 
 
+def scenarios(stem: str) -> list[Path]:
+    """The scenario files of a kind: `stem`.toml first, then its variants by name."""
+    return sorted(CONFIGS.glob(f"{stem}*.toml"), key=lambda p: (p.stem != stem, p.name))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedrec-benchmark",
@@ -442,17 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     path = args.results / QUALITY_FILE
     rows = report.rows_by_name(path)
 
-    if args.table_only:
-        write_results(list(rows.values()), args.results)
-        print(markdown_table(list(rows.values())))
-        return 0
-
     def wanted(name: str) -> bool:
         return args.only is None or name in args.only
 
     base = Config.from_toml(CONFIGS / "bench-central.toml")
     jobs = [("popularity", lambda: popularity_row(base))]
-    for scenario in sorted(CONFIGS.glob("bench-central*.toml")):
+    for scenario in scenarios("bench-central"):
         name = tomllib.loads(scenario.read_text()).get("scenario", {}).get("name", scenario.stem)
         jobs.append(
             (
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
         )
-    for scenario in sorted(CONFIGS.glob("bench-fed*.toml")):
+    for scenario in scenarios("bench-fed"):
         name = tomllib.loads(scenario.read_text()).get("scenario", {}).get("name", scenario.stem)
         jobs.append(
             (
@@ -480,6 +480,15 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             )
         )
+    order = {name: i for i, (name, _) in enumerate(jobs)}
+
+    def ordered() -> list[dict]:  # the rows in the order of the jobs, unknown names last
+        return sorted(rows.values(), key=lambda r: order.get(r["name"], len(order)))
+
+    if args.table_only:
+        write_results(ordered(), args.results)
+        print(markdown_table(ordered()))
+        return 0
     for name, job in jobs:
         if not wanted(name):
             continue
@@ -488,8 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.update(report.rows_by_name(path))  # another process may have written rows meanwhile
         rows[name] = row
         print(json.dumps({k: rows[name][k] for k in (*METRICS, "ndcg@10_std", "wall_s")}))
-        write_results(list(rows.values()), args.results)  # after every row: nothing is lost
-    print("\n" + markdown_table(list(rows.values())))
+        write_results(ordered(), args.results)  # after every row: nothing is lost
+    print("\n" + markdown_table(ordered()))
     return 0
 
 
