@@ -41,8 +41,8 @@ HARNESSES = {
     ),
     "coldstart": (["fedrec-coldstart"], "three variants, three seeds: 64 minutes here"),
     "freshness": (["fedrec-freshness"], "serves the hybrid cold-start model: 1 minute here"),
-    "paired": (["fedrec-paired"], "three seeds of the id-only baseline: about 25 minutes"),
-    "local": (["fedrec-local"], "943 users alone, three seeds: about 30 minutes"),
+    "paired": (["fedrec-paired"], "one seed of the id-only baseline took 14 minutes here"),
+    "local": (["fedrec-local"], "943 users alone, three seeds: not yet run on this machine"),
 }
 PLOTS = {
     "rounds": "report_rounds.png",
@@ -114,8 +114,8 @@ def privacy_section(rows: list[dict]) -> str:
     body = [
         [
             f"{r['dp_epsilon']:.2f}",
-            "1e-05",
-            "user",
+            f"{r['dp_delta']:g}",
+            r.get("dp_unit", "?"),
             r["name"],
             str(len(r["per_seed"])),
             pm(r, "ndcg@10"),

@@ -23,6 +23,8 @@ def quality_rows() -> list[dict]:
             "hr@10_std": 0.002 if len(seeds) > 1 else None,
             "val_ndcg@10": ndcg + 0.02,
             "dp_epsilon": eps,
+            "dp_delta": 1e-5 if eps else None,
+            "dp_unit": "user" if eps else None,
             "bytes_per_client_per_round": per_client,
             "clients_per_round": 10.0 if federated else None,
             "per_seed": per_seed,
