@@ -192,8 +192,6 @@ def scoped(scores: np.ndarray, split: ColdSplit) -> dict[str, dict[str, float]]:
 
 def model_scores(model: Recommender, cfg: Config, items: ItemStates, split: ColdSplit):
     """Scores of every full-catalog item for every case: (cases, items), float64."""
-    import torch
-
     from common.records import left_pad
     from common.train import item_vectors, user_vectors
 
@@ -202,8 +200,8 @@ def model_scores(model: Recommender, cfg: Config, items: ItemStates, split: Cold
     for start in range(0, len(split.cases), 512):
         chunk = split.cases[start : start + 512]
         histories = np.stack([left_pad(c.history, cfg.history_len) for c in chunk])
-        with torch.no_grad():
-            out.append((user_vectors(model, vectors, histories) @ vectors.T).double().numpy())
+        # item_vectors and user_vectors run without autograd: the product needs no no_grad
+        out.append((user_vectors(model, vectors, histories) @ vectors.T).double().numpy())
     return np.concatenate(out)
 
 
