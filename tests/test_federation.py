@@ -1,4 +1,5 @@
-"""A two-round federation in-process: the loss falls, metrics and checkpoints are produced."""
+"""Federations of a tiny model: one through Flower's Ray simulation runtime, the rest in-process
+(simulations/inprocess.py: the same ServerApp and ClientApp without Flower's transport)."""
 
 import json
 import random
@@ -11,11 +12,12 @@ from opacus.accountants import RDPAccountant
 
 from client.client_app import create_app as create_client_app
 from common.config import Config
+from common.rounds import read_rows
 from common.weights import load_model_dir, to_arrays
 from common.wire import update_shape
 from server.server_app import create_app as create_server_app
 from server.server_app import run_federation
-from simulations.inprocess import InProcessGrid
+from simulations.inprocess import InProcessGrid, run_inprocess
 from tests.fixtures import make_synthetic_dataset
 from tests.tiny import tiny_config
 
@@ -89,11 +91,12 @@ def test_two_rounds_lower_the_loss_and_write_metrics_and_checkpoints(tmp_path, t
     assert (cfg.output_path / "models" / "round-002" / "fedrec.json").exists()
 
 
-@pytest.mark.slow  # Flower's Ray simulation runtime
 def test_resume_continues_the_round_count(tmp_path, tiny_world):
+    """The ServerApp's resume (in-process: Flower's runtime is not what is tested here)."""
     cfg = tiny_cfg(tmp_path, *tiny_world, num_server_rounds=1)
-    run(cfg)
-    rows = run(cfg.replace(num_server_rounds=2, resume=True))
+    run_inprocess(cfg, num_nodes=NUM_CLIENTS)
+    run_inprocess(cfg.replace(num_server_rounds=2, resume=True), num_nodes=NUM_CLIENTS)
+    rows = read_rows(cfg.output_path / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2]
     _, meta = load_model_dir(cfg.output_path / "models" / "final")
     assert meta["round"] == 2
@@ -105,12 +108,12 @@ def private_cfg(tmp_path, tiny_world, mode: str, **changes) -> Config:
     )
 
 
-@pytest.mark.slow  # Flower's Ray simulation runtime
 def test_clients_past_their_budget_decline_and_the_round_goes_on(tmp_path, tiny_world):
     # DP-SGD with a tiny budget and fixed noise: every client declines from the first round
     # on, and the federation still completes both rounds with an unchanged model.
     cfg = private_cfg(tmp_path, tiny_world, "sgd", dp_noise_multiplier=0.5, dp_target_epsilon=0.01)
-    rows = run(cfg)
+    run_inprocess(cfg, num_nodes=NUM_CLIENTS)
+    rows = read_rows(cfg.output_path / "metrics.jsonl")
     last = {r["round"]: r for r in rows}[2]
     assert last["clients_declined"] == NUM_CLIENTS and last["clients_train"] == 0
     assert (last["epsilon"], last["dp_unit"], last["dp_composition"]) == (
@@ -200,7 +203,6 @@ def test_dp_fedavg_accounts_epsilon_over_rounds_at_the_sampling_rate(tmp_path, t
 def test_a_run_repeats_with_its_seed(tmp_path, tiny_world):
     """Half the clients a round: Flower draws the cohort with Python's random, which the
     ServerApp seeds from the run, so the same config gives the same rows."""
-    from simulations.inprocess import run_inprocess
 
     def rows(name: str) -> list[tuple]:
         cfg = tiny_cfg(
@@ -247,8 +249,7 @@ def test_every_key_of_a_round_row_is_declared_with_its_type(tmp_path, tiny_world
     with central and federated evaluation on, is declared there with the type written."""
     import typing
 
-    from common.rounds import ROUND_KEYS, RoundRow, read_rows
-    from simulations.inprocess import run_inprocess
+    from common.rounds import ROUND_KEYS, RoundRow
 
     cfg = tiny_cfg(tmp_path, *tiny_world, fraction_evaluate=1.0, num_server_rounds=2)
     run_inprocess(cfg, num_nodes=NUM_CLIENTS)
