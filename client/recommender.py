@@ -329,7 +329,7 @@ class LocalRecommender:
                 f"({self.catalog.fingerprint()[:12]}…, {len(self.catalog)} items)."
             )
         states = cached_item_states(
-            load_backbone(cfg.backbone),
+            cfg.backbone,
             list(self.catalog.texts),
             self.catalog.fingerprint(),
             k=cfg.adapter_k,

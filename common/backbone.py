@@ -11,13 +11,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, BertModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # transformers costs seconds to import: only where the backbone is run
+    from transformers import BertModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class Backbone:
     model: BertModel
     tokenizer: PreTrainedTokenizerBase
     name: str
-    digest: str  # sha256 of config + weights: two backbones with one digest are the same
+    digest: str  # backbone_digest: two backbones with one digest are the same
 
     @property
     def num_layers(self) -> int:
@@ -64,16 +66,41 @@ def load_backbone(backbone: str = "") -> Backbone:
             f"Backbone {backbone!r} is not a local directory and HF_HUB_OFFLINE=1 forbids a "
             "download. Pass a local path, or leave backbone empty for the bundled MiniLM."
         )
+    import transformers
+    from transformers import AutoTokenizer, BertModel
+
     transformers.logging.set_verbosity_error()  # the unused-pooler load report is noise here
     transformers.logging.disable_progress_bar()
     model = BertModel.from_pretrained(name, attn_implementation="eager", add_pooling_layer=False)
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(name)
-    return Backbone(model=model, tokenizer=tokenizer, name=name, digest=_digest(model))
+    digest = backbone_digest(backbone) if path.is_dir() else _tensor_digest(model)
+    return Backbone(model=model, tokenizer=tokenizer, name=name, digest=digest)
 
 
-def _digest(model: BertModel) -> str:
+@functools.lru_cache(maxsize=4)
+def backbone_digest(backbone: str = "") -> str:
+    """sha256 of a local backbone's files (config, weights, tokenizer; not its README): the
+    identity in cache keys and model metadata, computed without loading the model, so that a
+    client whose item states are cached never imports transformers. A hub id is loaded and
+    its tensors hashed instead."""
+    path = Path(resolve_backbone(backbone))
+    if not path.is_dir():
+        return load_backbone(backbone).digest
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and not p.name.startswith(".") and not p.name.lower().startswith("readme")
+    )
+    h = hashlib.sha256(b"fedrec-backbone-files-v1")
+    for file in files:
+        with open(file, "rb") as fh:
+            h.update(f"{file.name}|{hashlib.file_digest(fh, 'sha256').hexdigest()}|".encode())
+    return h.hexdigest()
+
+
+def _tensor_digest(model: BertModel) -> str:
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     for key, tensor in sorted(model.state_dict().items()):
         h.update(key.encode())
@@ -150,14 +177,14 @@ def encode_items(
     return ItemStates(states=states, mask=masks)
 
 
-def cache_key(backbone: Backbone, catalog_fingerprint: str, *, k: int, max_tokens: int) -> str:
+def cache_key(backbone_sha256: str, catalog_fingerprint: str, *, k: int, max_tokens: int) -> str:
     """Key of the item-state cache: backbone digest, catalog, k and token length."""
-    text = f"{backbone.digest}|{catalog_fingerprint}|k={k}|T={max_tokens}"
+    text = f"{backbone_sha256}|{catalog_fingerprint}|k={k}|T={max_tokens}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def cached_item_states(
-    backbone: Backbone,
+    backbone: str,
     texts: list[str],
     catalog_fingerprint: str,
     *,
@@ -167,10 +194,11 @@ def cached_item_states(
 ) -> ItemStates:
     """Item states from the disk cache, computed and stored atomically when missing.
 
-    A damaged cache file (truncated, or not the catalog's shape) is computed again and
-    replaced, with a warning naming it.
+    `backbone` as in the config ('' = the bundled MiniLM): it is loaded only when the states
+    must be computed. A damaged cache file (truncated, or not the catalog's shape) is computed
+    again and replaced, with a warning naming it.
     """
-    key = cache_key(backbone, catalog_fingerprint, k=k, max_tokens=max_tokens)
+    key = cache_key(backbone_digest(backbone), catalog_fingerprint, k=k, max_tokens=max_tokens)
     path = Path(cache_dir) / "item-states" / f"{key}.safetensors"
     if path.exists():
         try:
@@ -179,7 +207,7 @@ def cached_item_states(
             log.warning("%s Computing the catalog's item states again.", exc)
     log.info("Encoding %d catalog items with the frozen backbone (k=%d)...", len(texts), k)
     began = time.perf_counter()
-    items = encode_items(backbone, texts, k=k, max_tokens=max_tokens)
+    items = encode_items(load_backbone(backbone), texts, k=k, max_tokens=max_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)

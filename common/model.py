@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from common.backbone import mean_pool
 from common.config import Config
+
+if TYPE_CHECKING:  # peft costs seconds to import: only where LoRA is used (adapter-k > 0)
+    from peft import LoraConfig
 
 NEG_INF = -1e9  # additive mask value; finite so fully masked rows stay NaN-free
 LORA_TARGETS = ["query", "value"]
@@ -36,6 +39,8 @@ def lora_config(cfg: Config, *, base_model: str = "", num_layers: int = 0) -> Lo
     names the backbone's top `adapter-k` layers, as peft needs it to load the adapter onto the
     whole backbone (`PeftModel.from_pretrained`); without, it targets every block it is given.
     """
+    from peft import LoraConfig
+
     top = list(range(num_layers - cfg.adapter_k, num_layers)) if num_layers else None
     return LoraConfig(
         r=cfg.lora_r,
@@ -81,6 +86,8 @@ class ItemTower(nn.Module):
             for module in self.blocks.modules():  # deterministic in train mode too (see above)
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
+            from peft import inject_adapter_in_model
+
             # Injected after the blocks exist and sit on their device (opacus#820).
             inject_adapter_in_model(lora_config(cfg), self.blocks)
         self.text = cfg.item_text

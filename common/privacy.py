@@ -34,8 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANT = "rdp"
 # Neighbouring datasets differ in all of one user's interactions (both modes).
@@ -123,6 +121,8 @@ def rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> 
     """Epsilon at `delta` of a DP-SGD history [(noise multiplier, sample rate, steps), ...]."""
     if not history:
         return 0.0
+    from opacus.accountants import RDPAccountant  # seconds to import: only when DP is on
+
     accountant = RDPAccountant()
     accountant.history = list(history)
     with warnings.catch_warnings():
@@ -134,6 +134,8 @@ def rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> 
 @functools.lru_cache(maxsize=1024)
 def calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The smallest noise multiplier whose `steps` at `sample_rate` stay within the budget."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(

@@ -6,11 +6,11 @@ Shared by the ClientApp, the ServerApp and the benchmarks; nothing here imports 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig
 
 from common.backbone import ItemStates, cached_item_states, load_backbone, resolve_backbone
 from common.config import Config
@@ -91,7 +91,7 @@ def num_partitions(cfg: Config, splits: tuple[UserSplit, ...]) -> int:
 def item_states(cfg: Config, catalog: Catalog) -> ItemStates:
     """Frozen backbone states of the catalog, from the disk cache."""
     return cached_item_states(
-        load_backbone(cfg.backbone),
+        cfg.backbone,
         list(catalog.texts),
         catalog.fingerprint(),
         k=cfg.adapter_k,
@@ -131,7 +131,13 @@ def reusable_model(cfg: Config, *, num_items: int) -> Recommender:
 
 @functools.lru_cache(maxsize=4)
 def _hidden_size(backbone: str) -> int:
-    return AutoConfig.from_pretrained(resolve_backbone(backbone)).hidden_size
+    name = resolve_backbone(backbone)
+    config = Path(name) / "config.json"
+    if config.is_file():  # a local backbone: its config file, without importing transformers
+        return int(json.loads(config.read_text(encoding="utf-8"))["hidden_size"])
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name).hidden_size
 
 
 def train_records(cfg: Config, users: list[UserSplit]) -> Records:

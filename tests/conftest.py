@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures import make_tiny_backbone
+from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +16,11 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random BERT (two layers, width 32) saved as a local backbone directory: one per
     test run, read-only (each test keeps its own cache directory)."""
     return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> tuple[Path, Path]:
+    """The tiny backbone and a synthetic data set of 24 users (tests/test_federation.py's
+    `tiny_cfg` federates it): one per test module."""
+    root = tmp_path_factory.mktemp("world")
+    return tiny_backbone, make_synthetic_dataset(root / "data", num_users=24)

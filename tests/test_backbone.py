@@ -19,10 +19,11 @@ def tiny(tmp_path_factory):
 
 
 def test_cache_is_reused_and_keyed_by_backbone_catalog_and_k(tiny, tmp_path, monkeypatch):
-    calls = []
-    real = bb.encode_items
+    calls, loads = [], []
+    real, load = bb.encode_items, bb.load_backbone
     monkeypatch.setattr(bb, "encode_items", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    a, b = bb.load_backbone(str(tiny[0])), bb.load_backbone(str(tiny[1]))
+    monkeypatch.setattr(bb, "load_backbone", lambda name: loads.append(name) or load(name))
+    a, b = str(tiny[0]), str(tiny[1])
 
     def states(backbone, texts=TEXTS, fingerprint="cat-1", k=0):
         return bb.cached_item_states(
@@ -32,6 +33,7 @@ def test_cache_is_reused_and_keyed_by_backbone_catalog_and_k(tiny, tmp_path, mon
     first = states(a)
     again = states(a)
     assert len(calls) == 1 and torch.equal(first.states, again.states)  # from disk
+    assert loads == [a]  # a cache hit does not load the backbone
     assert first.states.shape == (3, 32)  # k = 0: pooled vectors
     states(a, k=1)  # k changed
     states(a, texts=TEXTS + ["war tank"], fingerprint="cat-2")  # catalog changed

@@ -14,7 +14,7 @@ from client.faults import faulty_partitions, make_fault_mod
 from common.config import Config
 from common.wire import decode_update, encode_update, encode_weights
 from simulations.inprocess import run_inprocess
-from tests.test_federation import tiny_cfg, tiny_world  # noqa: F401 (a fixture)
+from tests.test_federation import tiny_cfg
 
 NUM_CLIENTS = 4
 
@@ -127,7 +127,7 @@ def run_with_faults(tmp_path, world, **faults) -> list[dict]:
         ("scale", "clients_rejected"),  # over 3 x the median norm (the default bound)
     ],
 )
-def test_a_federation_completes_with_a_faulty_client(tmp_path, tiny_world, kind, counted):  # noqa: F811
+def test_a_federation_completes_with_a_faulty_client(tmp_path, tiny_world, kind, counted):
     extra = {"round_timeout_s": 3.0} if kind == "hang" else {}
     if kind == "scale":
         extra = {"fault_scale": 1000.0}

@@ -18,16 +18,9 @@ from common.wire import update_shape
 from server.server_app import create_app as create_server_app
 from server.server_app import run_federation
 from simulations.inprocess import InProcessGrid, run_inprocess
-from tests.fixtures import make_synthetic_dataset
 from tests.tiny import tiny_config
 
 NUM_CLIENTS = 4
-
-
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory, tiny_backbone):
-    root = tmp_path_factory.mktemp("world")
-    return tiny_backbone, make_synthetic_dataset(root / "data", num_users=24)
 
 
 def run(cfg: Config) -> list[dict]:

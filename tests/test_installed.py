@@ -236,21 +236,30 @@ def test_recommend_names_a_corrupt_fedrec_json_of_a_model_directory(device_insta
 
 
 def test_a_damaged_catalog_cache_is_rebuilt_with_a_warning(tmp_path, caplog, tiny_backbone):
-    from common.backbone import cache_key, cached_item_states, encode_items, load_backbone
+    from common.backbone import (
+        backbone_digest,
+        cache_key,
+        cached_item_states,
+        encode_items,
+        load_backbone,
+    )
 
-    backbone = load_backbone(str(tiny_backbone))
+    backbone = str(tiny_backbone)
     texts = ["space rocket", "red apple", "old film"]
     options = {"k": 0, "max_tokens": 5}
     fresh = cached_item_states(backbone, texts, "fp", **options, cache_dir=tmp_path / "cache")
     path = (
-        tmp_path / "cache" / "item-states" / f"{cache_key(backbone, 'fp', **options)}.safetensors"
+        tmp_path
+        / "cache"
+        / "item-states"
+        / f"{cache_key(backbone_digest(backbone), 'fp', **options)}.safetensors"
     )
     truncate(path)
     with caplog.at_level(logging.WARNING, logger="common.backbone"):
         again = cached_item_states(backbone, texts, "fp", **options, cache_dir=tmp_path / "cache")
     assert f"{path}: damaged cache file" in caplog.text
     assert torch.equal(again.states, fresh.states) and torch.equal(again.mask, fresh.mask)
-    reference = encode_items(backbone, texts, **options)
+    reference = encode_items(load_backbone(backbone), texts, **options)
     assert torch.allclose(again.states, reference.states)
     # rewritten: the next process reads the file without a warning
     caplog.clear()
