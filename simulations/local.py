@@ -31,6 +31,13 @@ LEARNING_RATES = (0.002, 0.02)
 EPOCHS = (1, 2, 4, 8, 16)  # checkpoints of one run: each continues the last
 
 
+def progress(users: list, desc: str):
+    """The users with a progress bar where someone watches (a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(users, desc=desc, unit="user", disable=None, leave=False)
+
+
 def local_runs(cfg: Config, user, items, model, init: dict, upto: int) -> Iterator[int]:
     """Train `model` from `init` on one user's training windows; yield at each checkpoint of
     EPOCHS up to `upto` (the model then holds that checkpoint's weights)."""
@@ -76,7 +83,7 @@ def select(cfg: Config, users: list, items, num_items: int) -> tuple[dict, list[
         model = build_model(run_cfg, num_items=num_items)
         init = trainable_state(model)
         ranks: dict[int, list[int]] = {e: [] for e in EPOCHS}
-        for user in users:
+        for user in progress(users, f"selection, lr {lr}"):
             for epochs in local_runs(run_cfg, user, items, model, init, EPOCHS[-1]):
                 ranks[epochs].append(user_rank(model, run_cfg, items, user, "valid"))
         for epochs, values in ranks.items():
@@ -101,18 +108,20 @@ def run_seed(cfg: Config, users: list, items, num_items: int, epochs: int) -> di
     model = build_model(cfg, num_items=num_items)
     init = trainable_state(model)
     ranks = []
-    for user in users:
+    for user in progress(users, f"seed {cfg.seed}"):
         if user.test < 0:
             continue
         for _ in local_runs(cfg, user, items, model, init, epochs):
             pass
         ranks.append(user_rank(model, cfg, items, user, "test"))
-    return {
+    row = {
         "seed": cfg.seed,
         **ranking_metrics(np.array(ranks)),
         "users": len(ranks),
         "wall_s": time.perf_counter() - start,
     }
+    print(f"  seed {cfg.seed}: test NDCG@10 {row['ndcg@10']:.4f} ({row['wall_s']:.0f} s)")
+    return row
 
 
 def main(argv: Sequence[str] | None = None) -> int:
