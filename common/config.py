@@ -27,6 +27,8 @@ STRATEGIES = (
     "bulyan",
 )
 NORM_ACTIONS = ("clip", "reject")
+LR_SCHEDULES = ("constant", "cosine")
+SCHEDULED_STRATEGIES = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")  # have a server lr
 FAULT_KINDS = ("raise", "hang", "garbage", "scale", "sign-flip")  # see client/faults.py
 WIRE_DTYPES = ("int8", "half", "float32")  # see common/wire.py
 DP_MODES = ("off", "fedavg", "sgd")  # see common/privacy.py
@@ -125,6 +127,13 @@ class Config:
     server_learning_rate: float = field(
         default=0.01,
         metadata=_doc("Server learning rate (eta of fedadam/fedyogi/fedadagrad; fedavgm's lr)."),
+    )
+    server_lr_schedule: str = field(
+        default="constant",
+        metadata=_doc(
+            "Server learning rate over the run: constant | cosine (round r of num-server-rounds "
+            "R steps at server-learning-rate x (1 + cos(pi r / R)) / 2, down to 0)."
+        ),
     )
     server_momentum: float = field(default=0.9, metadata=_doc("fedavgm's server momentum."))
     server_tau: float = field(
@@ -297,6 +306,7 @@ class Config:
             "update_norm_action": NORM_ACTIONS,
             "fault_kind": FAULT_KINDS,
             "wire_dtype": WIRE_DTYPES,
+            "server_lr_schedule": LR_SCHEDULES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -304,6 +314,12 @@ class Config:
                     f"{key_of(name)} must be one of {', '.join(allowed)}, "
                     f"got {getattr(self, name)!r}."
                 )
+        if self.server_lr_schedule != "constant" and self.strategy not in SCHEDULED_STRATEGIES:
+            raise ValueError(
+                f"server-lr-schedule = {self.server_lr_schedule!r} needs a strategy with a server "
+                f"learning rate ({', '.join(SCHEDULED_STRATEGIES)}); strategy is "
+                f"{self.strategy!r}."
+            )
         for name in ("server_learning_rate", "server_tau", "max_client_weight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{key_of(name)} must be positive, got {getattr(self, name)}.")

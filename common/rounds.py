@@ -61,6 +61,7 @@ RoundRow = TypedDict(
         "client_reply_s": float,
         "server_peak_rss_mb": float,
         "push_installed": int,  # nodes that installed a pushed model this round
+        "server_lr": float,  # the server optimizer's learning rate (server-lr-schedule)
         # privacy (server/server_app.py privacy_terms)
         "dp_mode": str,
         "epsilon": float | None,

@@ -133,6 +133,7 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         num_malicious_nodes=cfg.num_malicious_nodes,
         central_dp=central_dp,
         round_offset=done,
+        lr_schedule=cfg.server_lr_schedule,
     )
 
     # 5. After each round: central evaluation (simulation), checkpoint, metrics row
@@ -409,6 +410,8 @@ def _stats_row(stats) -> RoundRow:
     row.update({f"fed_{k}": v for k, v in stats.evaluate.items() if k != "num-examples"})
     if stats.noise_std is not None:
         row["dp_noise_std"] = stats.noise_std
+    if stats.server_lr is not None:
+        row["server_lr"] = stats.server_lr
     return row
 
 

@@ -4,6 +4,7 @@ dropped and logged, never fatal."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -38,6 +39,7 @@ DECLINED = "declined"
 TRAIN_LOSS = "train-loss"  # absent under DP (NaN here then: the round reports no loss)
 # Where a client's update time went (deployment: a fresh process per message)
 CLIENT_TIMES = ("startup-s", "cache-load-s", "model-load-s", "train-s", "reply-s")
+RATE_ATTRS = ("eta", "server_learning_rate")  # FedAdam / FedYogi / FedAdagrad's, FedAvgM's
 
 
 @dataclass
@@ -54,6 +56,7 @@ class RoundStats:
     clients_failed: int = 0
     train_loss: float | None = None
     noise_std: float | None = None  # DP-FedAvg: of the Gaussian noise on the mean update
+    server_lr: float | None = None  # the server optimizer's learning rate this round
     update_seconds: list[float] = field(default_factory=list)
     client_seconds: dict[str, list[float]] = field(default_factory=dict)  # CLIENT_TIMES
     failed_nodes: list[int] = field(default_factory=list)
@@ -113,6 +116,16 @@ class CentralDP:
     expected_clients: float  # sample_rate x number of clients
 
 
+def scheduled_rate(base: float, *, schedule: str, server_round: int, num_rounds: int) -> float:
+    """The server learning rate of round `server_round` (1-based) of `num_rounds`: `base`
+    throughout ("constant"), or "cosine": base x (1 + cos(pi r / R)) / 2, down to 0 at R."""
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(server_round, num_rounds) / num_rounds))
+    raise ValueError(f"Unknown server learning-rate schedule {schedule!r}.")
+
+
 class ValidatedReplies:
     """Mixin for a Flower strategy: the wire format, validated replies and bounded weights.
 
@@ -129,7 +142,8 @@ class ValidatedReplies:
     than three updates there is no meaningful median and the bound is not applied. An
     aggregate that is not finite is discarded (the global model stays). Also records each
     round's traffic, rejections by kind and privacy figures in `stats`, and evaluates every
-    `evaluate_every` rounds.
+    `evaluate_every` rounds. A server optimizer's learning rate follows `lr_schedule` over the
+    run's `round_offset + num_rounds` rounds (scheduled_rate).
 
     With `central_dp`, the strategy is DP-FedAvg underneath the server optimizer: nodes are
     Poisson-sampled (build it with fraction_train = 1, it keeps each node with probability
@@ -152,9 +166,17 @@ class ValidatedReplies:
         update_norm_action: str = "clip",
         central_dp: CentralDP | None = None,
         round_offset: int = 0,
+        lr_schedule: str = "constant",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # the server optimizer's learning rate: FedOpt's eta, FedAvgM's server_learning_rate
+        self._rate_attr = next((a for a in RATE_ATTRS if hasattr(self, a)), None)
+        if lr_schedule != "constant" and self._rate_attr is None:
+            raise ValueError(f"{type(self).__name__} has no server learning rate to schedule.")
+        scheduled_rate(1.0, schedule=lr_schedule, server_round=1, num_rounds=1)  # a known one
+        self.lr_schedule = lr_schedule
+        self._base_rate = getattr(self, self._rate_attr) if self._rate_attr else None
         if update_norm_action not in NORM_ACTIONS:
             raise ValueError(f"update_norm_action must be one of {NORM_ACTIONS}.")
         self.round_offset = round_offset  # rounds done before (resume): logs give the run's
@@ -297,6 +319,14 @@ class ValidatedReplies:
                 self._round(server_round),
             )
             return None, None
+        if self._rate_attr is not None:
+            stats.server_lr = scheduled_rate(
+                self._base_rate,
+                schedule=self.lr_schedule,
+                server_round=self._round(server_round),
+                num_rounds=self.round_offset + self.num_rounds,
+            )
+            setattr(self, self._rate_attr, stats.server_lr)
         arrays, metrics = super().aggregate_train(server_round, weights)
         if arrays is not None:
             arrays = self._as_expected(arrays)

@@ -34,6 +34,8 @@ def test_from_mapping_coerces_and_rejects_unknown_keys():
         ({"dataset": "path"}, "needs data-path"),
         ({"partition": "iid"}, "num-partitions"),
         ({"adapter_k": -1}, "adapter-k must be 0 or more"),
+        ({"server_lr_schedule": "step"}, "server-lr-schedule must be one of constant, cosine"),
+        ({"server_lr_schedule": "cosine"}, "needs a strategy with a server learning rate"),
     ],
 )
 def test_invalid_configs_fail_with_a_sentence(changes, message):

@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Metadata, MetricRecord, RecordDict
 from flwr.app.message import make_message
 
-from server.strategy import CentralDP, FedRecAdam, FedRecAvg, make_strategy
+from server.strategy import CentralDP, FedRecAdam, FedRecAvg, make_strategy, scheduled_rate
 
 
 def arrays(**tensors) -> ArrayRecord:
@@ -134,6 +134,46 @@ def test_fedadam_keeps_float32():
     assert agg["w"].numpy().dtype == np.float32 and np.all(agg["w"].numpy() > 0)
     with pytest.raises(ValueError, match="Unknown strategy"):
         make_strategy("fedsgd", server_learning_rate=1.0)
+
+
+def test_a_cosine_server_rate_falls_from_the_base_to_zero_at_the_last_round():
+    rates = [
+        scheduled_rate(0.1, schedule="cosine", server_round=r, num_rounds=4) for r in (1, 2, 4)
+    ]
+    np.testing.assert_allclose(rates, [0.1 * (1 + np.sqrt(0.5)) / 2, 0.05, 0.0], atol=1e-12)
+    assert scheduled_rate(0.1, schedule="constant", server_round=4, num_rounds=4) == 0.1
+    with pytest.raises(ValueError, match="Unknown server learning-rate schedule 'step'"):
+        scheduled_rate(0.1, schedule="step", server_round=1, num_rounds=4)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedavgm"])
+def test_the_server_steps_at_the_scheduled_rate_counting_the_rounds_of_a_resumed_run(name):
+    """Resumed after 2 of 4 rounds, Flower's rounds 1 and 2 are the run's 3 and 4: the first
+    steps at the cosine's rate for round 3, the last at rate 0 and leaves the model as sent."""
+    s = make_strategy(
+        name,
+        server_learning_rate=0.1,
+        min_available_nodes=1,
+        min_train_nodes=1,
+        lr_schedule="cosine",
+        round_offset=2,
+        num_rounds=2,
+    )
+    model = arrays(w=np.zeros(3, np.float32))
+    configure(s, model)
+    moved, _ = s.aggregate_train(1, [update(1, 5, w=np.ones(3, np.float32))])
+    assert s.stats[1].server_lr == pytest.approx(0.1 * (1 - np.sqrt(0.5)) / 2)
+    assert np.all(moved["w"].numpy() > 0)
+    s._construct_messages = lambda record, node_ids, message_type: sent(node_ids, record)
+    list(s.configure_train(2, moved, ConfigRecord(), FakeGrid()))
+    last, _ = s.aggregate_train(2, [update(1, 5, w=np.full(3, 2.0, np.float32))])
+    assert s.stats[2].server_lr == 0.0
+    np.testing.assert_array_equal(last["w"].numpy(), moved["w"].numpy())
+
+
+def test_a_schedule_needs_a_server_learning_rate():
+    with pytest.raises(ValueError, match="FedRecMedian has no server learning rate"):
+        make_strategy("fedmedian", server_learning_rate=1.0, lr_schedule="cosine")
 
 
 def test_claimed_example_counts_buy_at_most_the_cap():
