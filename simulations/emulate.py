@@ -6,7 +6,7 @@ the cohort's loss with per-interaction weights w_u / (W n_u): w_u = min(n_u, max
 the client's weight, W their sum, n_u its predicted interactions. A round is then one batched
 backward pass over the cohort's windows and one FedAdam step with Flower's arithmetic (betas
 0.9 / 0.99, tau, the learning rate bias-corrected at server_round + 1, server-lr-schedule):
-about 20 times faster than Flower's simulation on this machine, for ablations over many
+several times faster than Flower's simulation on this machine, for ablations over many
 rounds. Left out: int8 stochastic rounding on the wire, the update-norm bound (it clipped none
 of fed-k0's 14,100 updates) and the cohort's draw (numpy's, not Flower's). Everything else is
 the project's own code: records, model, loss, evaluation; selection on validation, the test
