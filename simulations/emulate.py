@@ -186,10 +186,16 @@ def summarise(name: str, overrides: dict, runs: list[dict]) -> dict[str, Any]:
     return row
 
 
+def mean_std(row: dict, key: str) -> str:
+    """'mean ± std' over the row's seeds; one seed has no spread to show."""
+    spread = f" ± {row[key + '_std']:.4f}" if len(row["per_seed"]) > 1 else ""
+    return f"{row[key]:.4f}{spread}"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| variant | changes from the scenario | rounds x cohort | seeds "
-        "| best val NDCG@10 | test NDCG@10 of the selected round |",
+        "| best val NDCG@10 (mean ± std) | test NDCG@10 of the selected round |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -197,8 +203,7 @@ def markdown(rows: list[dict]) -> str:
         seeds = ", ".join(str(s["seed"]) for s in r["per_seed"])
         lines.append(
             f"| {r['name']} | {changes} | {r['rounds']} x {r['cohort']} | {seeds} "
-            f"| {r['best_val_ndcg@10']:.4f} ± {r['best_val_ndcg@10_std']:.4f} "
-            f"| {r['test_ndcg@10']:.4f} ± {r['test_ndcg@10_std']:.4f} |"
+            f"| {mean_std(r, 'best_val_ndcg@10')} | {mean_std(r, 'test_ndcg@10')} |"
         )
     return "\n".join(lines)
 
@@ -219,11 +224,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="(42 43 44)")
     parser.add_argument("--only", nargs="*", help="variant names to (re)run; others are kept")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument(
+        "--table-only", action="store_true", help="rewrite the markdown from the results file"
+    )
     args = parser.parse_args(argv)
     variants = tomllib.loads(args.variants.read_text())
     base = tomllib.loads(args.scenario.read_text()).get("run", {})
     path = args.results / (args.variants.stem.replace("-", "_") + ".json")
     done = report.rows_by_name(path)
+    if args.table_only:
+        rows = [done[n] for n in variants if n in done]
+        report.write_results(path, rows, markdown(rows))
+        return 0
     for name, overrides in variants.items():
         if args.only is not None and name not in args.only:
             continue

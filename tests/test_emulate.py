@@ -7,7 +7,7 @@ import pytest
 
 from common.config import Config
 from common.weights import load_model_dir, trainable_state
-from simulations.emulate import Emulation, check_emulable
+from simulations.emulate import Emulation, check_emulable, markdown, summarise
 from simulations.inprocess import run_inprocess
 from tests.tiny import tiny_config
 
@@ -81,3 +81,25 @@ def test_what_the_emulation_cannot_reproduce_is_refused_by_name(
 ):
     with pytest.raises(ValueError, match=named):
         check_emulable(one_step_fedadam(tmp_path, *tiny_world, **changes))
+
+
+def test_the_table_gives_mean_and_spread_over_seeds_and_one_seed_without_a_spread():
+    def run(seed, val, test):
+        return {
+            "seed": seed,
+            "best_val_ndcg@10": val,
+            "test_ndcg@10": test,
+            "test_hr@10": 0.2,
+            "rounds": 750,
+            "cohort": 18,
+        }
+
+    three = summarise(
+        "a", {"fraction-train": 0.02}, [run(42, 0.1, 0.08), run(43, 0.12, 0.1), run(44, 0.11, 0.09)]
+    )
+    one = summarise("b", {}, [run(42, 0.1, 0.08)])
+    table = markdown([three, one]).splitlines()
+    assert table[2] == (
+        "| a | fraction-train=0.02 | 750 x 18 | 42, 43, 44 | 0.1100 ± 0.0082 | 0.0900 ± 0.0082 |"
+    )
+    assert table[3] == "| b | — | 750 x 18 | 42 | 0.1000 | 0.0800 |"
