@@ -20,7 +20,7 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> tuple[Path, Path]:
-    """The tiny backbone and a synthetic data set of 24 users (tests/test_federation.py's
+    """The tiny backbone and a synthetic data set of 24 users (tests/tiny.py's
     `tiny_cfg` federates it): one per test module."""
     root = tmp_path_factory.mktemp("world")
     return tiny_backbone, make_synthetic_dataset(root / "data", num_users=24)

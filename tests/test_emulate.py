@@ -9,7 +9,7 @@ from common.config import Config
 from common.weights import load_model_dir, trainable_state
 from simulations.emulate import Emulation, check_emulable, markdown, summarise
 from simulations.inprocess import run_inprocess
-from tests.tiny import tiny_config
+from tests.tiny import world_config
 
 NUM_USERS = 24  # tests/conftest.py tiny_world
 
@@ -18,11 +18,6 @@ def one_step_fedadam(tmp_path, backbone, data, **changes) -> Config:
     """fed-k0's recipe on the tiny model, one user per client, every client in the round;
     float32 on the wire and no norm bound, which the emulation leaves out."""
     run = dict(
-        backbone=str(backbone),
-        dataset="path",
-        data_path=str(data),
-        cache_dir=str(tmp_path / "cache"),
-        output_dir=str(tmp_path / "out"),
         partition="user",
         fraction_train=1.0,
         fraction_evaluate=0.0,
@@ -41,7 +36,7 @@ def one_step_fedadam(tmp_path, backbone, data, **changes) -> Config:
         max_tokens=8,
         batch_size=64,
     )
-    return tiny_config(**{**run, **changes})
+    return world_config(tmp_path, backbone, data, **{**run, **changes})
 
 
 def test_emulated_rounds_move_the_model_as_the_federation_does(tmp_path, tiny_world):

@@ -14,7 +14,7 @@ from client.faults import faulty_partitions, make_fault_mod
 from common.config import Config
 from common.wire import decode_update, encode_update, encode_weights
 from simulations.inprocess import run_inprocess
-from tests.test_federation import tiny_cfg
+from tests.tiny import tiny_cfg
 
 NUM_CLIENTS = 4
 

@@ -18,9 +18,7 @@ from common.wire import update_shape
 from server.server_app import create_app as create_server_app
 from server.server_app import run_federation
 from simulations.inprocess import InProcessGrid, run_inprocess
-from tests.tiny import tiny_config
-
-NUM_CLIENTS = 4
+from tests.tiny import NUM_CLIENTS, tiny_cfg
 
 
 def run(cfg: Config) -> list[dict]:
@@ -32,27 +30,6 @@ def run(cfg: Config) -> list[dict]:
     )
     lines = (cfg.output_path / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
-
-
-def tiny_cfg(tmp_path, backbone, data, **changes) -> Config:
-    """The tiny model (tests/tiny.py) federated over NUM_CLIENTS clients of a synthetic set."""
-    run = dict(
-        backbone=str(backbone),
-        dataset="path",
-        data_path=str(data),
-        cache_dir=str(tmp_path / "cache"),
-        output_dir=str(tmp_path / "out"),
-        partition="iid",
-        num_partitions=NUM_CLIENTS,
-        num_server_rounds=2,
-        local_steps=3,
-        learning_rate=0.01,
-        history_len=8,
-        num_negatives=8,
-        max_tokens=8,
-        batch_size=16,
-    )
-    return tiny_config(**{**run, **changes})
 
 
 @pytest.mark.slow  # Flower's Ray simulation runtime

@@ -12,7 +12,7 @@ import pytest
 
 from common.backbone import backbone_digest, load_backbone
 from simulations.inprocess import run_inprocess
-from tests.test_federation import NUM_CLIENTS, tiny_cfg
+from tests.tiny import NUM_CLIENTS, tiny_cfg
 
 HEAVY = ("transformers", "peft", "opacus")
 

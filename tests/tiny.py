@@ -37,6 +37,38 @@ def tiny_config(**changes) -> Config:
     return Config(**{**TINY_CONFIG, **changes})
 
 
+def world_config(tmp_path, backbone, data, **changes) -> Config:
+    """The tiny model over a tiny backbone and a synthetic data set on disk (tests/conftest.py
+    `tiny_world`), with the test's own cache and output directories."""
+    return tiny_config(
+        backbone=str(backbone),
+        dataset="path",
+        data_path=str(data),
+        cache_dir=str(tmp_path / "cache"),
+        output_dir=str(tmp_path / "out"),
+        **changes,
+    )
+
+
+NUM_CLIENTS = 4  # tiny_cfg's federation
+
+
+def tiny_cfg(tmp_path, backbone, data, **changes) -> Config:
+    """The tiny model federated over NUM_CLIENTS clients of a synthetic set."""
+    run = dict(
+        partition="iid",
+        num_partitions=NUM_CLIENTS,
+        num_server_rounds=2,
+        local_steps=3,
+        learning_rate=0.01,
+        history_len=8,
+        num_negatives=8,
+        max_tokens=8,
+        batch_size=16,
+    )
+    return world_config(tmp_path, backbone, data, **{**run, **changes})
+
+
 def tiny_run(**changes) -> dict[str, Any]:
     """The tiny model as run-config keys (`model-dim` ...), for scenarios and deployments."""
     return {key_of(name): value for name, value in {**TINY_CONFIG, **changes}.items()}
