@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
 
-from common.config import NORM_ACTIONS
+from common.config import LR_SCHEDULES, NORM_ACTIONS
 from common.privacy import secure_numpy_rng
 from common.wire import SENT_AS, decode_update_values, encode_weights, update_shape
 
@@ -174,7 +174,8 @@ class ValidatedReplies:
         self._rate_attr = next((a for a in RATE_ATTRS if hasattr(self, a)), None)
         if lr_schedule != "constant" and self._rate_attr is None:
             raise ValueError(f"{type(self).__name__} has no server learning rate to schedule.")
-        scheduled_rate(1.0, schedule=lr_schedule, server_round=1, num_rounds=1)  # a known one
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
         self.lr_schedule = lr_schedule
         self._base_rate = getattr(self, self._rate_attr) if self._rate_attr else None
         if update_norm_action not in NORM_ACTIONS:

@@ -67,7 +67,7 @@ class Emulation:
         from common.task import build_model
 
         check_emulable(cfg)
-        self.cfg, self.items, self.torch = cfg, items, torch
+        self.cfg, self.items, self.num_items = cfg, items, num_items
         self.model = build_model(cfg, num_items=num_items)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.m = [torch.zeros_like(p) for p in self.params]
@@ -78,7 +78,6 @@ class Emulation:
         self.windows = [np.flatnonzero(owner == u) for u in range(len(users))]
         has = self.records.targets >= 0
         self.targets = np.array([int(has[w].sum()) for w in self.windows])  # n_u, all windows
-        self.ids = torch.arange(num_items)
         self.rng = np.random.default_rng(cfg.seed)
 
     def gradient_step_windows(self, user: int) -> np.ndarray:
@@ -90,33 +89,33 @@ class Emulation:
 
     def step(self, cohort: np.ndarray, server_round: int, server_rate: float) -> float:
         """One round with these clients (user indices); returns the cohort's weighted loss."""
+        import torch
         import torch.nn.functional as F
 
         from common.model import NEG_INF
-        from common.train import position_of, seen_before
+        from common.train import seen_before, sequence_logits
 
-        torch = self.torch
         cohort = np.array([u for u in cohort if self.targets[u] > 0])
         weights = np.minimum(self.targets[cohort], self.cfg.max_client_weight).astype(float)
         chosen = [self.gradient_step_windows(u) for u in cohort]
-        inputs = torch.from_numpy(self.records.inputs[np.concatenate(chosen)])
-        targets = torch.from_numpy(self.records.targets[np.concatenate(chosen)])
+        rows = np.concatenate(chosen)
+        inputs = torch.from_numpy(self.records.inputs[rows])
+        targets = torch.from_numpy(self.records.targets[rows])
         has_target = targets >= 0
         # a client's loss is the mean over its step's targets: w_u / (W n_u) per target
+        total = weights.sum()
         per_target = [
-            np.full(len(w), wu / (weights.sum() * (self.records.targets[w] >= 0).sum()))
+            np.full(len(w), wu / (total * (self.records.targets[w] >= 0).sum()))
             for w, wu in zip(chosen, weights, strict=True)
         ]
         row_weight = torch.from_numpy(np.concatenate(per_target)).float()  # (B,)
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        vectors = self.model.items.head(self.items.states, self.ids)  # (N, D)
-        input_col, target_col = position_of(inputs, self.ids), position_of(targets, self.ids)
-        states = self.model.user_states(vectors[input_col.clamp(min=0)], inputs >= 0)
-        logits = (states @ vectors.T).masked_fill(
-            seen_before(input_col, target_col, len(self.ids)), NEG_INF
+        # over the whole catalog an item's column is its id
+        logits = sequence_logits(self.model, inputs, self.items.states).masked_fill(
+            seen_before(inputs, targets, self.num_items), NEG_INF
         )  # (B, L, N)
-        losses = F.cross_entropy(logits[has_target], target_col[has_target], reduction="none")
+        losses = F.cross_entropy(logits[has_target], targets[has_target], reduction="none")
         loss = (losses * row_weight[:, None].expand_as(targets)[has_target]).sum()
         loss.backward()
         self.model.eval()
