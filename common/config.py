@@ -30,7 +30,7 @@ NORM_ACTIONS = ("clip", "reject")
 LR_SCHEDULES = ("constant", "cosine")
 SCHEDULED_STRATEGIES = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")  # have a server lr
 FAULT_KINDS = ("raise", "hang", "garbage", "scale", "sign-flip")  # see client/faults.py
-WIRE_DTYPES = ("int8", "half", "float32")  # see common/wire.py
+WIRE_DTYPES = ("int8", "int8-down", "half", "float32")  # see common/wire.py
 DP_MODES = ("off", "fedavg", "sgd")  # see common/privacy.py
 
 
@@ -183,7 +183,8 @@ class Config:
         default="int8",
         metadata=_doc(
             "Weights down / updates up: int8 = float16 / int8 rows, stochastically rounded; "
-            "half = float16 / bfloat16; float32 (common/wire.py)."
+            "int8-down = int8 rows, rounded to nearest / bfloat16; half = float16 / bfloat16; "
+            "float32 (common/wire.py)."
         ),
     )
     # --- privacy --------------------------------------------------------------------

@@ -14,6 +14,13 @@ float32 weights, so rounding never accumulates: only the update is rounded, once
   the decoded update is unbiased): each tensor travels as int8 of shape (rows, columns + 2),
   the last two bytes of a row holding its bfloat16 scale. A row is a tensor's first axis (a
   vector is one row): one item's id embedding, one output unit of a linear layer.
+- "int8-down": 8-bit integer weights / bfloat16 updates. A training message's weights are
+  rounded to the nearest of 255 levels per row (deterministic: every client of a round trains
+  from the same point); each tensor travels as int8 codes in its own shape beside
+  `<name>#scale`, its rows' bfloat16 scales. The rounding error sits in the weights a client
+  trains from, not in what the server adds up: the update (trained minus received) is a
+  gradient step taken there, and the server adds it to its float32 weights. Evaluation
+  messages carry float16 weights, so a client evaluates the model as it is.
 
 Flower's arrays have no bfloat16, so its bits travel as integers and are reinterpreted on
 arrival (scales byte by byte, low byte first, whatever the machine's byte order).
@@ -29,20 +36,34 @@ from flwr.app import ArrayRecord
 
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 # numpy dtype of each tensor on the wire: (weights down, update up)
-SENT_AS = {"half": ("float16", "int16"), "int8": ("float16", "int8"), "float32": ("float32",) * 2}
+SENT_AS = {
+    "half": ("float16", "int16"),
+    "int8": ("float16", "int8"),
+    "int8-down": ("int8", "int16"),
+    "float32": ("float32",) * 2,
+}
 LEVELS = 127  # int8 codes run from -LEVELS to LEVELS
+SCALE_SUFFIX = "#scale"  # int8 weights: "<name>#scale" holds the rows' bfloat16 scales
 
 
 def _record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord(OrderedDict((k, v.contiguous()) for k, v in tensors.items()))
 
 
-def encode_weights(state: dict[str, np.ndarray], dtype: str) -> ArrayRecord:
-    """Global weights as sent to clients."""
+def encode_weights(state: dict[str, np.ndarray], dtype: str, *, train: bool = True) -> ArrayRecord:
+    """Global weights as sent to clients; int8 only in a training message (`train`)."""
+    down = SENT_AS[dtype][0]
+    if down == "int8" and not train:
+        down = "float16"
     out = OrderedDict()
     for name, value in state.items():
         tensor = torch.from_numpy(np.asarray(value, dtype=np.float32))
-        if dtype != "float32":
+        if down == "int8":
+            rows = _int8_rows(tensor, None, nearest=True)  # (R, C + 2)
+            out[name] = rows[:, :-2].reshape(tensor.shape)
+            out[name + SCALE_SUFFIX] = rows[:, -2:].reshape(-1).clone().view(torch.int16)
+            continue
+        if down == "float16":
             if tensor.abs().max() > FLOAT16_MAX:
                 raise ValueError(
                     f"Tensor {name!r} holds values beyond float16's range ({FLOAT16_MAX:g}); "
@@ -55,7 +76,17 @@ def encode_weights(state: dict[str, np.ndarray], dtype: str) -> ArrayRecord:
 
 def decode_weights(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
     """Weights as a client received them, in float32."""
-    return OrderedDict((k, a.numpy().astype(np.float32)) for k, a in record.items())
+    out = OrderedDict()
+    for name, array in record.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        value = array.numpy()
+        if value.dtype == np.int8:
+            scales = record[name + SCALE_SUFFIX].numpy().view(np.int8).reshape(-1, 2)
+            rows = np.concatenate([value.reshape(len(scales), -1), scales], axis=1)
+            value = _from_int8_rows(rows).reshape(value.shape)
+        out[name] = value.astype(np.float32, copy=False)
+    return out
 
 
 def encode_update(
@@ -70,9 +101,9 @@ def encode_update(
     out = OrderedDict()
     for name, value in trained.items():
         delta = torch.from_numpy(np.asarray(value - received[name], dtype=np.float32))
-        if dtype == "half":
+        if SENT_AS[dtype][1] == "int16":
             delta = delta.bfloat16().view(torch.int16)
-        elif dtype == "int8":
+        elif SENT_AS[dtype][1] == "int8":
             delta = _int8_rows(delta, generator)
         out[name] = delta
     return _record(out)
@@ -80,7 +111,7 @@ def encode_update(
 
 def update_shape(shape: tuple[int, ...], dtype: str) -> tuple[int, ...]:
     """The shape a tensor of `shape` has in an update on the wire."""
-    if dtype != "int8":
+    if SENT_AS[dtype][1] != "int8":
         return tuple(shape)
     rows = shape[0] if len(shape) > 1 else 1
     return (rows, int(np.prod(shape)) // max(rows, 1) + 2)
@@ -106,15 +137,21 @@ def decode_update_values(
     return out
 
 
-def _int8_rows(delta: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """(rows, columns) int8 codes + 2 bytes of bfloat16 scale per row: (rows, columns + 2)."""
+def _int8_rows(
+    delta: torch.Tensor, generator: torch.Generator | None, *, nearest: bool = False
+) -> torch.Tensor:
+    """(rows, columns) int8 codes + 2 bytes of bfloat16 scale per row: (rows, columns + 2),
+    rounded stochastically (unbiased) or to the `nearest` level."""
     rows = delta.reshape(delta.shape[0] if delta.dim() > 1 else 1, -1)  # (R, C)
     # the scale as bfloat16 will store it, rounded up so no code needs more than LEVELS
     scale = (rows.abs().amax(1, keepdim=True) * (1 + 2**-7)).bfloat16()
     scaled = rows / scale.float().clamp(min=torch.finfo(torch.float32).tiny) * LEVELS
-    low = scaled.floor()
-    up = torch.rand(scaled.shape, generator=generator) < (scaled - low)  # P(up) = fraction
-    codes = (low + up).clamp(-LEVELS, LEVELS).to(torch.int8)
+    if nearest:
+        codes = scaled.round()
+    else:  # up with probability the fraction: unbiased
+        low = scaled.floor()
+        codes = low + (torch.rand(scaled.shape, generator=generator) < (scaled - low))
+    codes = codes.clamp(-LEVELS, LEVELS).to(torch.int8)
     bits = scale.view(torch.int16).to(torch.int32) & 0xFFFF  # (R, 1) as an unsigned 16-bit
     scale_bytes = torch.cat([bits & 0xFF, bits >> 8], dim=1).to(torch.uint8).view(torch.int8)
     return torch.cat([codes, scale_bytes], dim=1)

@@ -204,7 +204,9 @@ class ValidatedReplies:
             node_ids = self.poisson_sample(list(node_ids))
         wire = RecordDict(dict(record.items()))
         wire["arrays"] = encode_weights(
-            {k: a.numpy() for k, a in record["arrays"].items()}, self.wire_dtype
+            {k: a.numpy() for k, a in record["arrays"].items()},
+            self.wire_dtype,
+            train=message_type == MessageType.TRAIN,
         )
         messages = list(super()._construct_messages(wire, node_ids, message_type))
         if self.message_ttl_s is not None:

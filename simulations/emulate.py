@@ -7,8 +7,10 @@ the client's weight, W their sum, n_u its predicted interactions. A round is the
 backward pass over the cohort's windows and one FedAdam step with Flower's arithmetic (betas
 0.9 / 0.99, tau, the learning rate bias-corrected at server_round + 1, server-lr-schedule):
 several times faster than Flower's simulation on this machine, for ablations over many
-rounds. Left out: int8 stochastic rounding on the wire, the update-norm bound (it clipped none
-of fed-k0's 14,100 updates) and the cohort's draw (numpy's, not Flower's). Everything else is
+rounds. The gradient is taken at the weights as the wire-dtype delivers them (float16, or int8
+rows for int8-down), as clients do. Left out: the rounding of updates on the way up (bfloat16,
+or int8 stochastic rounding), the update-norm bound (it clipped none of fed-k0's 14,100
+updates) and the cohort's draw (numpy's, not Flower's). Everything else is
 the project's own code: records, model, loss, evaluation; selection on validation, the test
 split read once per run. tests/test_emulate.py checks a round against the real ServerApp and
 ClientApp.
@@ -94,6 +96,7 @@ class Emulation:
 
         from common.model import NEG_INF
         from common.train import seen_before, sequence_logits
+        from common.wire import decode_weights, encode_weights
 
         cohort = np.array([u for u in cohort if self.targets[u] > 0])
         weights = np.minimum(self.targets[cohort], self.cfg.max_client_weight).astype(float)
@@ -109,6 +112,11 @@ class Emulation:
             for w, wu in zip(chosen, weights, strict=True)
         ]
         row_weight = torch.from_numpy(np.concatenate(per_target)).float()  # (B,)
+        kept = [p.detach().clone() for p in self.params]  # the server's float32 weights
+        with torch.no_grad():  # the clients' gradient is taken where the wire puts them
+            for p in self.params:
+                sent = encode_weights({"w": p.numpy()}, self.cfg.wire_dtype)
+                p.copy_(torch.from_numpy(decode_weights(sent)["w"]))
         self.model.train()
         self.model.zero_grad(set_to_none=True)
         # over the whole catalog an item's column is its id
@@ -122,8 +130,9 @@ class Emulation:
         b1, b2 = BETAS
         eta = server_rate * math.sqrt(1 - b2 ** (server_round + 1)) / (1 - b1 ** (server_round + 1))
         with torch.no_grad():
-            for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            for p, m, v, w in zip(self.params, self.m, self.v, kept, strict=True):
                 delta = -p.grad if p.grad is not None else torch.zeros_like(p)
+                p.copy_(w)
                 m.mul_(b1).add_(delta, alpha=1 - b1)
                 v.mul_(b2).add_(delta * delta, alpha=1 - b2)
                 p.add_(eta * m / (v.sqrt() + self.cfg.server_tau))

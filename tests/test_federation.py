@@ -72,6 +72,22 @@ def test_resume_continues_the_round_count(tmp_path, tiny_world):
     assert meta["round"] == 2
 
 
+def test_int8_down_federates_at_one_byte_a_weight_down_and_two_up(tmp_path, tiny_world):
+    cfg = tiny_cfg(
+        tmp_path, *tiny_world, num_server_rounds=1, fraction_evaluate=0.0, wire_dtype="int8-down"
+    )
+    run_inprocess(cfg, num_nodes=NUM_CLIENTS)
+    row = read_rows(cfg.output_path / "metrics.jsonl")[-1]
+    state, _ = load_model_dir(cfg.output_path / "models" / "final")
+    weights = sum(v.size for v in state.values())
+    scales = 2 * sum(v.shape[0] if v.ndim > 1 else 1 for v in state.values())
+    clients = row["clients_train"]
+    assert clients == NUM_CLIENTS and row["train_loss"] > 0
+    header = 256 * len(state)  # per serialized tensor, as above
+    assert weights + scales <= row["bytes_down"] / clients <= weights + scales + 2 * header
+    assert 2 * weights <= row["bytes_up"] / clients <= 2 * weights + header
+
+
 def private_cfg(tmp_path, tiny_world, mode: str, **changes) -> Config:
     return tiny_cfg(
         tmp_path, *tiny_world, dp_mode=mode, fraction_evaluate=0.0, dp_delta=1e-3, **changes

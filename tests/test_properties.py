@@ -369,7 +369,7 @@ def assert_validated(s: FedRecAvg, batch: list) -> None:
     assert counted + stats.clients_failed == len(NODES)
 
 
-@pytest.mark.parametrize("wire_dtype", ["float32", "half", "int8"])
+@pytest.mark.parametrize("wire_dtype", ["float32", "half", "int8", "int8-down"])
 @FAST
 @given(data=st.data())
 def test_random_replies_are_averaged_or_rejected_never_fatal(wire_dtype, data) -> None:
@@ -408,7 +408,7 @@ def npy(value: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("wire_dtype", ["float32", "half", "int8"])
+@pytest.mark.parametrize("wire_dtype", ["float32", "half", "int8", "int8-down"])
 @pytest.mark.parametrize("payload", ["garbage", "fewer-rows"])
 def test_a_forged_array_whose_bytes_disagree_with_its_header_is_rejected(
     wire_dtype: str, payload: str

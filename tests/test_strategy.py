@@ -429,3 +429,51 @@ def test_log_lines_after_a_resume_give_the_runs_round(caplog):
     with caplog.at_level(logging.WARNING):
         s.aggregate_train(1, [update(1, 1, w=np.ones(3, np.float32))])
     assert "Round 51: rejected the update of node 1" in caplog.text
+
+
+def test_int8_down_trains_from_int8_rows_evaluates_float16_and_adds_bfloat16_updates(
+    monkeypatch,
+):
+    from flwr.app import MessageType
+    from flwr.serverapp.strategy import FedAvg
+
+    from common.wire import SCALE_SUFFIX, decode_weights, encode_update, encode_weights
+
+    # Flower's messages need a run; its record is what the nodes receive
+    monkeypatch.setattr(FedAvg, "_construct_messages", lambda self, record, *_: [record])
+
+    rng = np.random.default_rng(0)
+    scales = np.array([1e-6, 1e-3, 1.0, 0.0, 30.0])[:, None]
+    state = {
+        "emb": (rng.normal(size=(5, 7)) * scales).astype(np.float32),
+        "bias": rng.normal(size=3).astype(np.float32),
+    }
+    s = FedRecAvg(min_available_nodes=1, min_train_nodes=1, wire_dtype="int8-down")
+    model = RecordDict({"arrays": arrays(**state), "config": ConfigRecord()})
+    train = s._construct_messages(model, [7], MessageType.TRAIN)[0]["arrays"]
+    evaluate = s._construct_messages(model, [7], MessageType.EVALUATE)[0]["arrays"]
+    assert train["emb"].dtype == "int8" and tuple(train["emb"].shape) == (5, 7)
+    assert train["emb" + SCALE_SUFFIX].dtype == "int16"  # one bfloat16 scale per row
+    assert tuple(train["bias" + SCALE_SUFFIX].shape) == (1,)  # a vector is one row
+    assert {a.dtype for a in evaluate.values()} == {"float16"} and len(evaluate) == 2
+
+    received = decode_weights(train)
+    assert list(received) == ["emb", "bias"]
+    for key, value in state.items():
+        rows = value.reshape(value.shape[0] if value.ndim > 1 else 1, -1)
+        step = np.abs(rows).max(1, keepdims=True) * (1 + 2**-7) / 127  # one code of each row
+        error = np.abs(received[key].reshape(rows.shape) - rows)
+        assert np.all(error <= step * 0.51)  # to the nearest code: half a step at most
+    assert np.all(received["emb"][3] == 0.0)  # an all-zero row stays exactly zero
+    again = decode_weights(encode_weights(state, "int8-down"))
+    assert all(np.array_equal(again[k], received[k]) for k in state)  # every client, same point
+
+    # the update (trained minus received) travels as bfloat16 and lands on the float32 weights
+    delta = {"emb": np.full((5, 7), 1e-3, np.float32), "bias": np.full(3, -0.5, np.float32)}
+    up = encode_update({k: received[k] + delta[k] for k in state}, received, "int8-down")
+    assert {a.dtype for a in up.values()} == {"int16"}
+    configure(s, arrays(**state))
+    msg = reply(7, RecordDict({"arrays": up, "metrics": MetricRecord({"num-examples": 3})}))
+    agg, _ = s.aggregate_train(1, [msg])
+    for key, value in state.items():
+        np.testing.assert_allclose(agg[key].numpy(), value + delta[key], rtol=0, atol=4e-3 * 0.5)
