@@ -136,6 +136,14 @@ class Config:
         ),
     )
     server_momentum: float = field(default=0.9, metadata=_doc("fedavgm's server momentum."))
+    server_ema: float = field(
+        default=0.0,
+        metadata=_doc(
+            "Decay per round of an exponential moving average of the global model that the "
+            "server keeps; 0 = off. When on, the average is the model that is validated, "
+            "selected, tested, pushed and saved as final; clients train from the global model."
+        ),
+    )
     server_tau: float = field(
         default=1e-3, metadata=_doc("Adaptivity tau of fedadam / fedyogi / fedadagrad.")
     )
@@ -339,6 +347,8 @@ class Config:
             )
         if not 0.0 <= self.server_momentum < 1.0:
             raise ValueError(f"server-momentum must lie in [0, 1), got {self.server_momentum}.")
+        if not 0.0 <= self.server_ema < 1.0:
+            raise ValueError(f"server-ema must lie in [0, 1), got {self.server_ema}.")
         if self.partition not in ("user", "iid"):
             raise ValueError(f"partition must be 'user' or 'iid', got {self.partition!r}.")
         if self.partition == "iid" and self.num_partitions < 1:

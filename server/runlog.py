@@ -15,6 +15,7 @@ from common.weights import load_model_dir, save_model_dir
 
 LATEST = "LATEST"  # text file naming the newest round directory
 BEST = "best"  # the model selected on validation (simulation with central evaluation)
+AVERAGE = "average"  # in a round checkpoint: the server's moving average (server-ema)
 KEEP_ROUNDS = 3  # round checkpoints kept: the newest few (resume needs only the last)
 
 
@@ -41,14 +42,17 @@ class RunLog:
         with open(self.root / PUSH_FILE, "a") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
 
-    def save_round(self, round_: int, *, state, cfg: Config, metadata: dict[str, Any]) -> Path:
-        """Checkpoint the global model of a round and point LATEST at it."""
+    def save_round(
+        self, round_: int, *, state, cfg: Config, metadata: dict[str, Any], average=None
+    ) -> Path:
+        """Checkpoint the global model of a round (and the server's moving average of it, when
+        kept) and point LATEST at it."""
+        metadata = {**metadata, "round": round_}
         path = save_model_dir(
-            self.models / f"round-{round_:03d}",
-            state=state,
-            cfg=cfg,
-            metadata={**metadata, "round": round_},
+            self.models / f"round-{round_:03d}", state=state, cfg=cfg, metadata=metadata
         )
+        if average is not None:
+            save_model_dir(path / AVERAGE, state=average, cfg=cfg, metadata=metadata)
         tmp = self.models / f".{LATEST}.tmp"
         tmp.write_text(path.name)
         tmp.replace(self.models / LATEST)
@@ -95,6 +99,14 @@ class RunLog:
             return None
         state, meta = load_model_dir(self.models / pointer.read_text().strip())
         return int(meta["round"]), state, meta
+
+    def latest_average(self) -> dict | None:
+        """The moving average saved with the newest checkpoint, or None."""
+        pointer = self.models / LATEST
+        if not pointer.exists():
+            return None
+        path = self.models / pointer.read_text().strip() / AVERAGE
+        return load_model_dir(path)[0] if path.exists() else None
 
     def truncate_metrics_after(self, round_: int) -> None:
         """Drop rows of rounds after `round_` (left by a run that died before checkpointing)."""

@@ -96,6 +96,9 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         load_trainable_state(model, state)
         runlog.truncate_metrics_after(done)
         log.info("Resuming after round %d from %s", done, runlog.models)
+    average = None  # server-ema: the moving average of the global model, from round 0
+    if cfg.server_ema:
+        average = (runlog.latest_average() if done else None) or trainable_state(model)
     remaining = cfg.num_server_rounds - done
     if remaining <= 0:
         log.info("All %d rounds are done already; nothing to run.", cfg.num_server_rounds)
@@ -150,6 +153,7 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         central_dp=central_dp,
         done=done,
         remaining=remaining,
+        average=average,
     )
     sent = {"catalog-sha256": identity["catalog_sha256"]}  # a device checks its catalog
     strategy.start(
@@ -163,7 +167,7 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
     )
 
     # 6. The final model (unchanged when no client could train, e.g. every budget spent)
-    load_trainable_state(model, from_arrays(book.latest))
+    load_trainable_state(model, book.served(book.latest))
     state = trainable_state(model)
     metadata = {
         **identity,
@@ -176,7 +180,7 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
 
     # 7. Model push: every connected device installs the final model
     if cfg.push_model:
-        push = push_model(grid, book.latest, metadata, cfg.round_timeout_s)
+        push = push_model(grid, to_arrays(state), metadata, cfg.round_timeout_s)
         runlog.append_push({"round": cfg.num_server_rounds, **push})
 
 
@@ -272,7 +276,9 @@ app = create_app()
 
 class RoundBook:
     """The ServerApp's bookkeeping after each round, with its state explicit: the newest global
-    model, the model selected on validation so far and the round clock.
+    model, the server's moving average of it (server-ema), the model selected on validation so
+    far and the round clock. The served model (validated, selected, tested, checkpointed as a
+    version, pushed) is the average when one is kept, else the global model.
 
     Flower calls `after_round` (the strategy's evaluate_fn) with round 0 (the initial model)
     and after every round: central evaluation on validation (simulation), model selection,
@@ -295,6 +301,7 @@ class RoundBook:
         central_dp: CentralDP | None,
         done: int,
         remaining: int,
+        average: dict[str, np.ndarray] | None = None,
     ):
         self.cfg, self.grid, self.runlog, self.model, self.items = cfg, grid, runlog, model, items
         self.splits, self.num_items, self.identity = splits, num_items, identity
@@ -302,17 +309,26 @@ class RoundBook:
         self.done, self.remaining = done, remaining  # rounds before this run, rounds in it
         self.valid_cases, self.test_cases = eval_cases(splits, "valid"), eval_cases(splits, "test")
         self.latest: ArrayRecord | None = None  # the global model after the newest round
+        self.average = average  # its moving average (server-ema), or None
         self.best = runlog.best_validation()  # (round, val NDCG@10) of the model selected
         self.start = self.last_end = time.perf_counter()
 
+    def served(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        """The model the server serves after a round whose global model is `arrays`."""
+        return self.average if self.average is not None else from_arrays(arrays)
+
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         self.latest = arrays
+        state = from_arrays(arrays)
+        if self.average is not None and server_round > 0:
+            decay = self.cfg.server_ema
+            self.average = {k: decay * self.average[k] + (1 - decay) * v for k, v in state.items()}
         if server_round == 0 and self.done:
             return None  # resuming: round 0 is the checkpoint, already evaluated and logged
         cfg, model = self.cfg, self.model
         global_round = self.done + server_round
         last = server_round == self.remaining
-        load_trainable_state(model, from_arrays(arrays))
+        load_trainable_state(model, self.served(arrays))
         row: RoundRow = {"round": global_round}
         if cfg.central_eval and global_round == 0:  # the baseline to beat, on the same users
             baseline = popularity_metrics(self.splits, self.num_items, "valid")
@@ -321,7 +337,7 @@ class RoundBook:
             self._validate(global_round, row)
         if cfg.central_eval and last and self.best is not None:
             self._test_selected(row)
-            load_trainable_state(model, from_arrays(arrays))
+            load_trainable_state(model, self.served(arrays))
         stats = self.strategy.stats.get(server_round)
         if stats is not None:
             row.update(_stats_row(stats))
@@ -333,7 +349,7 @@ class RoundBook:
         self.last_end = now
         if server_round > 0:
             self._checkpoint(
-                global_round, arrays, row, privacy, pushing=server_round < self.remaining
+                global_round, state, row, privacy, pushing=server_round < self.remaining
             )
         self.runlog.append_metrics(row)
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float)})
@@ -361,24 +377,27 @@ class RoundBook:
     def _checkpoint(
         self,
         global_round: int,
-        arrays: ArrayRecord,
+        state: dict[str, np.ndarray],
         row: RoundRow,
         privacy: dict[str, object],
         *,
         pushing: bool,
     ) -> None:
+        """Save the global model `state` (and the average) for resuming; push the served one."""
         cfg = self.cfg
-        state = trainable_state(self.model)
+        served = trainable_state(self.model)
         metadata = {
             **self.identity,
-            "version": model_version(global_round, state),
+            "version": model_version(global_round, served),
             "metrics": row,
             "privacy": privacy,
         }
-        self.runlog.save_round(global_round, state=state, cfg=cfg, metadata=metadata)
+        self.runlog.save_round(
+            global_round, state=state, cfg=cfg, metadata=metadata, average=self.average
+        )
         due = cfg.push_every and global_round % cfg.push_every == 0
         if cfg.push_model and due and pushing:
-            push = push_model(self.grid, arrays, metadata, cfg.round_timeout_s)
+            push = push_model(self.grid, to_arrays(served), metadata, cfg.round_timeout_s)
             self.runlog.append_push({"round": global_round, **push})
             row["push_installed"] = len(push["installed"])
 

@@ -12,8 +12,9 @@ rows for int8-down), as clients do. Left out: the rounding of updates on the way
 or int8 stochastic rounding), the update-norm bound (it clipped none of fed-k0's 14,100
 updates) and the cohort's draw (numpy's, not Flower's). Everything else is
 the project's own code: records, model, loss, evaluation; selection on validation, the test
-split read once per run. tests/test_emulate.py checks a round against the real ServerApp and
-ClientApp.
+split read once per run; with server-ema, the moving average of the global model is what is
+validated, selected and tested, as in the ServerApp. tests/test_emulate.py checks a round
+against the real ServerApp and ClientApp.
 
     fedrec-emulate --variants simulations/configs/emulate-schedule.toml
 """
@@ -25,6 +26,7 @@ import math
 import sys
 import time
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,8 @@ class Emulation:
         has = self.records.targets >= 0
         self.targets = np.array([int(has[w].sum()) for w in self.windows])  # n_u, all windows
         self.rng = np.random.default_rng(cfg.seed)
+        # server-ema: the moving average of the global model, from the initial weights
+        self.average = [p.detach().clone() for p in self.params] if cfg.server_ema else None
 
     def gradient_step_windows(self, user: int) -> np.ndarray:
         """The windows of the user's one local step: all, or a batch-size draw (train())."""
@@ -136,7 +140,30 @@ class Emulation:
                 m.mul_(b1).add_(delta, alpha=1 - b1)
                 v.mul_(b2).add_(delta * delta, alpha=1 - b2)
                 p.add_(eta * m / (v.sqrt() + self.cfg.server_tau))
+            for a, p in zip(self.average or [], self.params, strict=False):
+                a.mul_(self.cfg.server_ema).add_(p, alpha=1 - self.cfg.server_ema)
         return float(loss.detach())
+
+
+@contextmanager
+def _holding(params: list, values: list | None):
+    """The parameters hold `values` (the server's moving average) inside the block; None
+    leaves them as they are."""
+    import torch
+
+    if values is None:
+        yield
+        return
+    kept = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, k in zip(params, kept, strict=True):
+                p.copy_(k)
 
 
 def emulate(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
@@ -164,10 +191,11 @@ def emulate(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         )
         run.step(cohort, r, rate)
         if r % cfg.evaluate_every == 0 or r == cfg.num_server_rounds:
-            ndcg = evaluate(model=run.model, cfg=cfg, items=items, cases=valid)[0]["ndcg@10"]
+            with _holding(run.params, run.average):
+                ndcg = evaluate(model=run.model, cfg=cfg, items=items, cases=valid)[0]["ndcg@10"]
+                if ndcg > best[0]:
+                    best = (ndcg, r, trainable_state(run.model))
             curve.append((r, ndcg))
-            if ndcg > best[0]:
-                best = (ndcg, r, trainable_state(run.model))
             if progress:
                 print(f"  round {r}: val NDCG@10 {ndcg:.4f}", file=sys.stderr, flush=True)
     load_trainable_state(run.model, best[2])

@@ -36,6 +36,7 @@ def test_from_mapping_coerces_and_rejects_unknown_keys():
         ({"adapter_k": -1}, "adapter-k must be 0 or more"),
         ({"server_lr_schedule": "step"}, "server-lr-schedule must be one of constant, cosine"),
         ({"server_lr_schedule": "cosine"}, "needs a strategy with a server learning rate"),
+        ({"server_ema": 1.0}, r"server-ema must lie in \[0, 1\)"),
     ],
 )
 def test_invalid_configs_fail_with_a_sentence(changes, message):

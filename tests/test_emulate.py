@@ -40,11 +40,14 @@ def one_step_fedadam(tmp_path, backbone, data, **changes) -> Config:
 
 
 def test_emulated_rounds_move_the_model_as_the_federation_does(tmp_path, tiny_world):
-    """Two rounds: the second also checks FedAdam's moments and bias correction."""
+    """Two rounds: the second also checks FedAdam's moments and bias correction, and the
+    server's moving average of the global model (server-ema)."""
     rounds = 2
-    cfg = one_step_fedadam(tmp_path, *tiny_world, num_server_rounds=rounds)
+    cfg = one_step_fedadam(tmp_path, *tiny_world, num_server_rounds=rounds, server_ema=0.5)
     run_inprocess(cfg)
-    federated, _ = load_model_dir(tmp_path / "out" / "models" / f"round-{rounds:03d}")
+    checkpoint = tmp_path / "out" / "models" / f"round-{rounds:03d}"
+    federated, _ = load_model_dir(checkpoint)
+    federated_average, _ = load_model_dir(checkpoint / "average")
 
     from common.task import item_states, load_data
 
@@ -61,6 +64,11 @@ def test_emulated_rounds_move_the_model_as_the_federation_does(tmp_path, tiny_wo
     assert moved > 1e-3  # the round did something
     for key in federated:
         np.testing.assert_allclose(emulated[key], federated[key], rtol=0, atol=1e-6, err_msg=key)
+    names = [n for n, p in emulation.model.named_parameters() if p.requires_grad]
+    for key, average in zip(names, emulation.average, strict=True):
+        np.testing.assert_allclose(
+            average.numpy(), federated_average[key], rtol=0, atol=1e-6, err_msg=key
+        )
 
 
 @pytest.mark.parametrize(

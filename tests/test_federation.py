@@ -72,6 +72,29 @@ def test_resume_continues_the_round_count(tmp_path, tiny_world):
     assert meta["round"] == 2
 
 
+def test_server_ema_serves_a_moving_average_that_survives_a_resume(tmp_path, tiny_world):
+    """With server-ema the round checkpoint keeps the global model for training and the moving
+    average beside it; the average is what is selected and saved as final, and a resumed run
+    continues it rather than restarting it from the global model."""
+    decay = 0.5
+    cfg = tiny_cfg(tmp_path, *tiny_world, server_ema=decay, fraction_evaluate=0.0)
+    run_inprocess(cfg, num_nodes=NUM_CLIENTS)
+    run_inprocess(cfg.replace(num_server_rounds=3, resume=True), num_nodes=NUM_CLIENTS)
+    models = cfg.output_path / "models"
+    state = {r: load_model_dir(models / f"round-{r:03d}")[0] for r in (1, 2, 3)}
+    average = {r: load_model_dir(models / f"round-{r:03d}" / "average")[0] for r in (1, 2, 3)}
+    for r in (2, 3):
+        for name, value in state[r].items():
+            expected = decay * average[r - 1][name] + (1 - decay) * value
+            np.testing.assert_allclose(average[r][name], expected, rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(average[3][n], state[3][n]) for n in state[3])
+    final, _ = load_model_dir(models / "final")
+    best, meta = load_model_dir(models / "best")
+    for name in final:
+        np.testing.assert_array_equal(final[name], average[3][name])
+        np.testing.assert_array_equal(best[name], average[meta["round"]][name])
+
+
 def test_int8_down_federates_at_one_byte_a_weight_down_and_two_up(tmp_path, tiny_world):
     cfg = tiny_cfg(
         tmp_path, *tiny_world, num_server_rounds=1, fraction_evaluate=0.0, wire_dtype="int8-down"
