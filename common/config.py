@@ -416,10 +416,11 @@ class Config:
             raise ValueError(
                 f"Unknown config key(s): {', '.join(unknown)}. Known keys: {', '.join(known)}."
             )
+        defaults = cls()  # each key's type is its default's
         kwargs = {}
         for key, value in values.items():
             f = known[key]
-            kwargs[f.name] = _coerce(key, value, type(getattr(cls(), f.name)))
+            kwargs[f.name] = _coerce(key, value, type(getattr(defaults, f.name)))
         return cls(**kwargs)
 
     @classmethod
