@@ -140,8 +140,9 @@ class Config:
         default=0.0,
         metadata=_doc(
             "Decay per round of an exponential moving average of the global model that the "
-            "server keeps; 0 = off. When on, the average is the model that is validated, "
-            "selected, tested, pushed and saved as final; clients train from the global model."
+            "server keeps; 0 = off. When on, the average is the model that is validated "
+            "centrally, selected, tested, pushed and saved as final; clients train and evaluate "
+            "(fed_* metrics) from the global model."
         ),
     )
     server_tau: float = field(

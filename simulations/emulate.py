@@ -140,8 +140,10 @@ class Emulation:
                 m.mul_(b1).add_(delta, alpha=1 - b1)
                 v.mul_(b2).add_(delta * delta, alpha=1 - b2)
                 p.add_(eta * m / (v.sqrt() + self.cfg.server_tau))
-            for a, p in zip(self.average or [], self.params, strict=False):
-                a.mul_(self.cfg.server_ema).add_(p, alpha=1 - self.cfg.server_ema)
+            if self.average is not None:
+                decay = self.cfg.server_ema
+                for a, p in zip(self.average, self.params, strict=True):
+                    a.mul_(decay).add_(p, alpha=1 - decay)
         return float(loss.detach())
 
 
