@@ -167,7 +167,7 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
     )
 
     # 6. The final model (unchanged when no client could train, e.g. every budget spent)
-    load_trainable_state(model, book.served(book.latest))
+    load_trainable_state(model, book.served(from_arrays(book.latest)))
     state = trainable_state(model)
     metadata = {
         **identity,
@@ -313,9 +313,9 @@ class RoundBook:
         self.best = runlog.best_validation()  # (round, val NDCG@10) of the model selected
         self.start = self.last_end = time.perf_counter()
 
-    def served(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
-        """The model the server serves after a round whose global model is `arrays`."""
-        return self.average if self.average is not None else from_arrays(arrays)
+    def served(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model the server serves after a round whose global model is `state`."""
+        return self.average if self.average is not None else state
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         self.latest = arrays
@@ -328,7 +328,8 @@ class RoundBook:
         cfg, model = self.cfg, self.model
         global_round = self.done + server_round
         last = server_round == self.remaining
-        load_trainable_state(model, self.served(arrays))
+        served = self.served(state)
+        load_trainable_state(model, served)
         row: RoundRow = {"round": global_round}
         if cfg.central_eval and global_round == 0:  # the baseline to beat, on the same users
             baseline = popularity_metrics(self.splits, self.num_items, "valid")
@@ -337,7 +338,7 @@ class RoundBook:
             self._validate(global_round, row)
         if cfg.central_eval and last and self.best is not None:
             self._test_selected(row)
-            load_trainable_state(model, self.served(arrays))
+            load_trainable_state(model, served)
         stats = self.strategy.stats.get(server_round)
         if stats is not None:
             row.update(_stats_row(stats))
@@ -349,7 +350,7 @@ class RoundBook:
         self.last_end = now
         if server_round > 0:
             self._checkpoint(
-                global_round, state, row, privacy, pushing=server_round < self.remaining
+                global_round, state, served, row, privacy, pushing=server_round < self.remaining
             )
         self.runlog.append_metrics(row)
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, int | float)})
@@ -378,14 +379,14 @@ class RoundBook:
         self,
         global_round: int,
         state: dict[str, np.ndarray],
+        served: dict[str, np.ndarray],
         row: RoundRow,
         privacy: dict[str, object],
         *,
         pushing: bool,
     ) -> None:
-        """Save the global model `state` (and the average) for resuming; push the served one."""
+        """Save the global model `state` (and the average) for resuming; push `served`."""
         cfg = self.cfg
-        served = trainable_state(self.model)
         metadata = {
             **self.identity,
             "version": model_version(global_round, served),
