@@ -49,7 +49,7 @@ from common.flower.config import (
     flatten,
     parse_config_string,
 )
-from common.flower.follow import launch_and_follow
+from common.flower.follow import STATUS_POLL_S, launch_and_follow
 from common.flower.outputs import check_output_dir, prepare_output_dir
 from common.flower.processes import (
     INTERRUPTED,
@@ -236,7 +236,7 @@ def run(
     operator_port: int | None = None,
     insecure: bool = False,
     overwrite: bool = False,
-    poll_s: float = 5.0,
+    poll_s: float = STATUS_POLL_S,
     timeout_s: float | None = None,
     say=print,
 ) -> str:
@@ -449,7 +449,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     go.add_argument("--overwrite", action="store_true", help="replace an earlier run's output")
     go.add_argument("--timeout-s", type=float, metavar="S", help="stop the run after S seconds")
-    go.add_argument("--poll-s", type=float, default=5.0, metavar="S", help="status poll period")
+    go.add_argument(
+        "--poll-s",
+        type=float,
+        default=STATUS_POLL_S,
+        metavar="S",
+        help="seconds between `flwr list` status queries while the run's log streams; the "
+        f"stream's end is the cue to ask at once (default: {STATUS_POLL_S:.0f})",
+    )
     return parser.parse_args(argv)
 
 

@@ -199,8 +199,6 @@ class LoopbackFederation:
             str(self.port),
             "--output",
             str(self.output),
-            "--poll-s",
-            "1",
             *extra,
         )
         self.server = self._spawn(command, self.root / "server.out")

@@ -45,7 +45,7 @@ from common.flower.config import (
     parse_config_string,
     to_config_string,
 )
-from common.flower.follow import launch_and_follow
+from common.flower.follow import STATUS_POLL_S, launch_and_follow
 from common.flower.outputs import check_output_dir, prepare_output_dir
 from common.flower.processes import (
     INTERRUPTED,
@@ -60,11 +60,6 @@ from simulations import report
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedrec-sim"  # the SuperLink connection's name in FLWR_HOME/config.toml
-# Each `flwr list` is a new Python process importing flwr (about 2 CPU-s, taken from the
-# simulation on a small machine): while the run's log streams, its end is the signal that the
-# run finished, and a status query once a minute only guards against a stream that hangs.
-STATUS_POLL_S = 60.0
-
 SCENARIO_TABLES = ("scenario", "run", "federation")
 # runtime and seeds are read by fedrec-benchmark only (simulations/benchmark.py)
 SCENARIO_KEYS = {"name": str, "description": str, "runtime": str, "seeds": int}

@@ -4,7 +4,16 @@ The tiny configurations live in tests/tiny.py (`TINY_CONFIG`, `tiny_config`, `ti
 the synthetic data in tests/fixtures.py; here is what is worth building once per test run.
 """
 
+import os
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs three workers on two cores
+    # one thread each, for torch here and in the processes tests start (ClientApps, Ray):
+    # torch's default of a thread per core, twice over, slows small steps many times over
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 import pytest
 

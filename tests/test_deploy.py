@@ -65,7 +65,7 @@ def federation(tmp_path: Path, world: dict[str, Path], **run) -> LoopbackFederat
 
 def test_two_devices_train_and_install_the_final_model(tmp_path: Path, world) -> None:
     files = split_users(world["data"], tmp_path, ["dev-a", "dev-b", "stranger"])
-    with federation(tmp_path, world, **{"num-server-rounds": 2, "min-nodes": 2}) as fed:
+    with federation(tmp_path, world, **{"num-server-rounds": 1, "min-nodes": 2}) as fed:
         fed.add_devices({"dev-a": files["dev-a"], "dev-b": files["dev-b"]})
         stranger = fed.outsider("stranger", files["stranger"])
         fed.start_server()
@@ -92,13 +92,13 @@ def test_two_devices_train_and_install_the_final_model(tmp_path: Path, world) ->
         fed.stop()
         assert fed.leftovers() == []
 
-    # Two rounds with both devices, each round's global model and the final one on disk
+    # A round with both devices, its global model and the final one on disk
     rows = fed.rounds()
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    assert [r["clients_train"] for r in rows[1:]] == [2, 2]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[1]["clients_train"] == 2
     times = ("startup", "cache_load", "model_load", "train", "reply")
     for key in (f"client_{t}_s" for t in times):
-        assert rows[2][key] >= 0.0, key
+        assert rows[1][key] >= 0.0, key
     assert (fed.output / "models" / "round-001" / "fedrec.json").exists()
     final_state, final = load_model_dir(fed.output / "models" / "final")
 
@@ -120,9 +120,11 @@ def test_two_devices_train_and_install_the_final_model(tmp_path: Path, world) ->
 
 def test_a_crashed_device_rejoins_with_its_privacy_ledger(tmp_path: Path, world) -> None:
     files = split_users(world["data"], tmp_path, ["dev-a", "dev-b", "dev-c"])
+    # every round waits for all three devices, so dev-c is back for round 3
     run = {
-        "num-server-rounds": 4,
-        "min-nodes": 2,
+        "num-server-rounds": 3,
+        "min-nodes": 3,
+        "push-model": False,
         "dp-mode": "sgd",
         "dp-noise-multiplier": 1.0,
         "dp-target-epsilon": 1000.0,
@@ -151,7 +153,7 @@ def test_a_crashed_device_rejoins_with_its_privacy_ledger(tmp_path: Path, world)
         assert fed.leftovers() == []
 
     rows = fed.rounds()
-    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[1]["clients_train"] == 3
     # The round dev-c was sent but never answered names it, in the metrics and the log
     lost = [r["round"] for r in rows if node_c in r.get("failed_nodes", [])]
@@ -161,7 +163,7 @@ def test_a_crashed_device_rejoins_with_its_privacy_ledger(tmp_path: Path, world)
     # Back with the same key, it is the same node, and its ledger continued where it was
     after = json.loads(ledger.read_text())["history"]
     assert after[: len(before)] == before and len(after) > len(before)
-    assert max(r["clients_train"] for r in rows[3:]) == 3
+    assert rows[3]["clients_train"] == 3
 
 
 def test_a_device_revoked_mid_round_is_refused_and_stops_holding_it(tmp_path: Path, world) -> None:

@@ -27,6 +27,11 @@ from common.rounds import parse_row
 
 log = logging.getLogger(__name__)
 
+# Each `flwr list` is a new Python process importing flwr (about 2 CPU-s, taken from the
+# clients on a small machine): while the run's log streams, its end is the signal that the
+# run finished, and a status query once a minute only guards against a stream that hangs.
+STATUS_POLL_S = 60.0
+
 
 class MetricsTail:
     """New complete rows of a growing metrics.jsonl."""
