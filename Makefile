@@ -23,7 +23,7 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 3 --dist worksteal
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 3 --maxschedchunk 1
 
 benchmark: setup
 	HF_HUB_OFFLINE=1 $(BIN)/fedrec-benchmark

@@ -20,6 +20,13 @@ import pytest
 from tests.fixtures import make_synthetic_dataset, make_tiny_backbone
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (a stable sort): `make test` hands pytest-xdist's workers one test at
+    a time (--maxschedchunk 1), so the long ones start at once, on different workers, and the
+    quick ones fill in around them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random BERT (two layers, width 32) saved as a local backbone directory: one per

@@ -168,9 +168,10 @@ def test_a_crashed_device_rejoins_with_its_privacy_ledger(tmp_path: Path, world)
 
 def test_a_device_revoked_mid_round_is_refused_and_stops_holding_it(tmp_path: Path, world) -> None:
     """Revoked while connected, a device's session ends at once and its key is refused when
-    it comes back; the server gives up on the reply it owed within a minute, not after
-    round-timeout-s (600 s here): the SuperLink answers for it once its heartbeats are missed
-    (Flower's "Node Unavailable")."""
+    it comes back; the server gives up on the reply it owed once the SuperLink answers for
+    it, when its heartbeats are missed (Flower's "Node Unavailable": two 30 s intervals), not
+    after round-timeout-s (600 s here). The bound below is loose on purpose: under load
+    (three deployments at once in `make test`) the round has held for up to 67 s."""
     files = split_users(world["data"], tmp_path, ["dev-a", "dev-b"])
     run = {
         "num-server-rounds": 1,
@@ -203,7 +204,7 @@ def test_a_device_revoked_mid_round_is_refused_and_stops_holding_it(tmp_path: Pa
         fed.stop()
         assert fed.leftovers() == []
     print(f"round held {held_s:.1f} s after the revocation")
-    assert held_s < 60.0
+    assert held_s < run["round-timeout-s"] / 4, held_s
     row = fed.rounds()[1]
     assert row["clients_train"] == 1 and row["failed_nodes"] == [node_b]
     log = (fed.output / "run.log").read_text()

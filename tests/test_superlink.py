@@ -120,7 +120,7 @@ def test_real_app_runs_to_completion_and_reports(tmp_path: Path, output: Path) -
     scenario = run.load_scenario(tiny_scenario(tmp_path))
     printed = io.StringIO()
     outcome = run.run_scenario(
-        scenario, output=output, port=processes.free_port(), poll_s=2.0, timeout_s=900, out=printed
+        scenario, output=output, port=processes.free_port(), timeout_s=900, out=printed
     )
     text = printed.getvalue()
 
@@ -228,8 +228,6 @@ def runner_command(tmp_path: Path, scenario: Path, output: Path) -> list[str]:
         str(stub_app(tmp_path)),
         "--output",
         str(output),
-        "--poll-s",
-        "2",
     ]
 
 
