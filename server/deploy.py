@@ -49,7 +49,7 @@ from common.flower.config import (
     flatten,
     parse_config_string,
 )
-from common.flower.follow import STATUS_POLL_S, launch_and_follow
+from common.flower.follow import STATUS_POLL_S, add_poll_option, launch_and_follow
 from common.flower.outputs import check_output_dir, prepare_output_dir
 from common.flower.processes import (
     INTERRUPTED,
@@ -449,14 +449,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     go.add_argument("--overwrite", action="store_true", help="replace an earlier run's output")
     go.add_argument("--timeout-s", type=float, metavar="S", help="stop the run after S seconds")
-    go.add_argument(
-        "--poll-s",
-        type=float,
-        default=STATUS_POLL_S,
-        metavar="S",
-        help="seconds between `flwr list` status queries while the run's log streams; the "
-        f"stream's end is the cue to ask at once (default: {STATUS_POLL_S:.0f})",
-    )
+    add_poll_option(go)
     return parser.parse_args(argv)
 
 

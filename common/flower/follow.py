@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import subprocess
 import time
@@ -31,6 +32,18 @@ log = logging.getLogger(__name__)
 # clients on a small machine): while the run's log streams, its end is the signal that the
 # run finished, and a status query once a minute only guards against a stream that hangs.
 STATUS_POLL_S = 60.0
+
+
+def add_poll_option(parser: argparse.ArgumentParser) -> None:
+    """`--poll-s`, as fedrec-simulate and fedrec-server run take it."""
+    parser.add_argument(
+        "--poll-s",
+        type=float,
+        default=STATUS_POLL_S,
+        metavar="S",
+        help="seconds between `flwr list` status queries while the run's log streams; the "
+        f"stream's end is the cue to ask at once (default: {STATUS_POLL_S:.0f})",
+    )
 
 
 class MetricsTail:
