@@ -257,6 +257,13 @@ class Config:
             "once). For simulation: Flower's engine checks every waiting message for each node."
         ),
     )
+    reply_poll_s: float = field(
+        default=0.05,
+        metadata=_doc(
+            "Longest pause between the server's pulls for a round's replies (pauses start at "
+            "20 ms and double up to this): a round ends at most this long after its last reply."
+        ),
+    )
     seed: int = field(default=42, metadata=_doc("Seed for sampling and initialisation."))
 
     def __post_init__(self) -> None:
@@ -280,6 +287,8 @@ class Config:
         for name in ("min_nodes", "push_every", "max_in_flight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{key_of(name)} must be 0 or more, got {getattr(self, name)}.")
+        if self.reply_poll_s <= 0:
+            raise ValueError(f"reply-poll-s must be positive, got {self.reply_poll_s}.")
         if self.round_timeout_s <= 0:
             raise ValueError(f"round-timeout-s must be positive, got {self.round_timeout_s}.")
         if self.adapter_k < 0:

@@ -56,7 +56,9 @@ def create_app(base: Config | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         cfg = (base or Config()).merged(context.run_config)
         run_federation(
-            PromptGrid(grid, max_in_flight=cfg.max_in_flight), cfg, run_id=context.run_id
+            PromptGrid(grid, max_in_flight=cfg.max_in_flight, max_pause_s=cfg.reply_poll_s),
+            cfg,
+            run_id=context.run_id,
         )
 
     return app

@@ -88,6 +88,12 @@ def test_the_replies_are_collected_within_one_short_pause_of_the_last(clock):
     assert max(clock.pauses) <= MAX_PAUSE_S
 
 
+def test_a_round_of_quick_clients_waits_at_most_50_ms_past_its_last_reply(clock):
+    grid = PromptGrid(SlowRepliesGrid(clock, delay_s=0.1))
+    list(grid.send_and_receive(_messages(grid, 4), timeout=60))
+    assert 0.4 <= clock.now <= 0.45  # the last reply came at 0.4 s (a 250 ms cap: 0.55 s)
+
+
 def test_a_timeout_returns_the_replies_that_came(clock):
     grid = PromptGrid(SlowRepliesGrid(clock, delay_s=1.0))
     replies = list(grid.send_and_receive(_messages(grid, 3), timeout=1.5))
