@@ -90,6 +90,13 @@ class Config:
     )
     num_server_rounds: int = field(default=10, metadata=_doc("Federated rounds."))
     fraction_train: float = field(default=1.0, metadata=_doc("Fraction of nodes per round."))
+    fraction_train_final: float = field(
+        default=0.0,
+        metadata=_doc(
+            "Fraction of nodes in the last round: the cohort grows (or shrinks) linearly from "
+            "fraction-train in round 1 (0 = fraction-train throughout)."
+        ),
+    )
     fraction_evaluate: float = field(default=1.0, metadata=_doc("Fraction evaluated (0 = off)."))
     evaluate_every: int = field(default=1, metadata=_doc("Federated evaluation every N rounds."))
     partition: str = field(default="user", metadata=_doc("user (one per client) | iid."))
@@ -303,7 +310,7 @@ class Config:
             raise ValueError(
                 f"model-dim ({self.model_dim}) must be divisible by user-heads ({self.user_heads})."
             )
-        for name in ("fraction_train", "fraction_evaluate", "dropout"):
+        for name in ("fraction_train", "fraction_train_final", "fraction_evaluate", "dropout"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{key_of(name)} must lie in [0, 1], got {value}.")
@@ -385,6 +392,11 @@ class Config:
                 f"dp-mode={self.dp_mode!r} protects users only if nothing un-noised leaves "
                 "their data: set fraction-evaluate = 0 (no per-client evaluation replies); "
                 "simulations evaluate on the server (central-eval)."
+            )
+        if self.dp_mode == "fedavg" and self.fraction_train_final:
+            raise ValueError(
+                "dp-mode = 'fedavg' samples every round at the rate fraction-train, as its "
+                "accountant assumes: set fraction-train-final = 0 (no cohort growth)."
             )
         if self.dp_mode == "fedavg" and self.partition != "user":
             raise ValueError(

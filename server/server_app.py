@@ -139,6 +139,7 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         central_dp=central_dp,
         round_offset=done,
         lr_schedule=cfg.server_lr_schedule,
+        fraction_train_final=cfg.fraction_train_final,
     )
 
     # 5. After each round: central evaluation (simulation), checkpoint, metrics row

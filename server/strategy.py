@@ -126,6 +126,15 @@ def scheduled_rate(base: float, *, schedule: str, server_round: int, num_rounds:
     raise ValueError(f"Unknown server learning-rate schedule {schedule!r}.")
 
 
+def scheduled_fraction(first: float, final: float, *, server_round: int, num_rounds: int) -> float:
+    """The fraction of nodes that train in round `server_round` (1-based) of `num_rounds`:
+    `first` throughout when `final` is 0, else linear from `first` (round 1) to `final`."""
+    if not final or num_rounds <= 1:
+        return first
+    progress = (min(server_round, num_rounds) - 1) / (num_rounds - 1)
+    return first + (final - first) * progress
+
+
 class ValidatedReplies:
     """Mixin for a Flower strategy: the wire format, validated replies and bounded weights.
 
@@ -143,7 +152,8 @@ class ValidatedReplies:
     aggregate that is not finite is discarded (the global model stays). Also records each
     round's traffic, rejections by kind and privacy figures in `stats`, and evaluates every
     `evaluate_every` rounds. A server optimizer's learning rate follows `lr_schedule` over the
-    run's `round_offset + num_rounds` rounds (scheduled_rate).
+    run's `round_offset + num_rounds` rounds (scheduled_rate), and with `fraction_train_final`
+    the cohort grows from `fraction_train` to it over the same rounds (scheduled_fraction).
 
     With `central_dp`, the strategy is DP-FedAvg underneath the server optimizer: nodes are
     Poisson-sampled (build it with fraction_train = 1, it keeps each node with probability
@@ -167,9 +177,14 @@ class ValidatedReplies:
         central_dp: CentralDP | None = None,
         round_offset: int = 0,
         lr_schedule: str = "constant",
+        fraction_train_final: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if fraction_train_final and central_dp is not None:
+            raise ValueError("DP-FedAvg samples at a fixed rate: no cohort growth with it.")
+        self._first_fraction = self.fraction_train
+        self.fraction_train_final = fraction_train_final
         # the server optimizer's learning rate: FedOpt's eta, FedAvgM's server_learning_rate
         self._rate_attr = next((a for a in RATE_ATTRS if hasattr(self, a)), None)
         if lr_schedule != "constant" and self._rate_attr is None:
@@ -224,6 +239,14 @@ class ValidatedReplies:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         stats = self.stats.setdefault(server_round, RoundStats())
+        if self.fraction_train_final:  # FedAvg draws max(int(N x fraction), min_train_nodes)
+            self.fraction_train = scheduled_fraction(
+                self._first_fraction,
+                self.fraction_train_final,
+                server_round=self._round(server_round),
+                num_rounds=self.round_offset + self.num_rounds,
+            )
+            self.min_train_nodes = max(1, int(len(list(grid.get_node_ids())) * self.fraction_train))
         self._global = {k: a.numpy().astype(np.float32) for k, a in arrays.items()}
         wire = SENT_AS[self.wire_dtype][1]
         self._expected = {

@@ -173,18 +173,24 @@ def emulate(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     from common.task import eval_cases, item_states, load_data
     from common.train import evaluate
     from common.weights import load_trainable_state, trainable_state
-    from server.strategy import scheduled_rate
+    from server.strategy import scheduled_fraction, scheduled_rate
 
     start = time.perf_counter()
     dataset, splits = load_data(cfg)
     users = list(splits)
     items = item_states(cfg, dataset.catalog)
     run = Emulation(cfg, users, items, len(dataset.catalog))
-    cohort_size = max(1, int(len(users) * cfg.fraction_train))
     valid = eval_cases(users, "valid")
-    curve, best = [], (-1.0, 0, None)
+    curve, best, sizes = [], (-1.0, 0, None), []
     for r in range(1, cfg.num_server_rounds + 1):
-        cohort = run.rng.choice(len(users), cohort_size, replace=False)
+        fraction = scheduled_fraction(
+            cfg.fraction_train,
+            cfg.fraction_train_final,
+            server_round=r,
+            num_rounds=cfg.num_server_rounds,
+        )
+        sizes.append(max(1, int(len(users) * fraction)))  # as Flower's FedAvg draws it
+        cohort = run.rng.choice(len(users), sizes[-1], replace=False)
         rate = scheduled_rate(
             cfg.server_learning_rate,
             schedule=cfg.server_lr_schedule,
@@ -210,7 +216,8 @@ def emulate(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         "test_hr@10": test["hr@10"],
         "curve": curve,
         "rounds": cfg.num_server_rounds,
-        "cohort": cohort_size,
+        "cohort": sizes[0] if sizes[0] == sizes[-1] else f"{sizes[0]}-{sizes[-1]}",
+        "client_updates": sum(sizes),
         "seconds": time.perf_counter() - start,
     }
 

@@ -7,7 +7,7 @@ import pytest
 
 from common.config import Config
 from common.weights import load_model_dir, trainable_state
-from simulations.emulate import Emulation, check_emulable, markdown, summarise
+from simulations.emulate import Emulation, check_emulable, emulate, markdown, summarise
 from simulations.inprocess import run_inprocess
 from tests.tiny import world_config
 
@@ -69,6 +69,21 @@ def test_emulated_rounds_move_the_model_as_the_federation_does(tmp_path, tiny_wo
         np.testing.assert_allclose(
             average.numpy(), federated_average[key], rtol=0, atol=1e-6, err_msg=key
         )
+
+
+def test_a_growing_cohort_draws_as_many_clients_a_round_as_the_strategy(tmp_path, tiny_world):
+    """1 of 24 users in round 1 to all 24 in round 3: int(24 x 25/48) = 12 in round 2, the
+    sizes server/strategy.py's scheduled_fraction gives Flower's FedAvg."""
+    cfg = one_step_fedadam(
+        tmp_path,
+        *tiny_world,
+        num_server_rounds=3,
+        evaluate_every=3,
+        fraction_train=1 / NUM_USERS,
+        fraction_train_final=1.0,
+    )
+    result = emulate(cfg, progress=False)
+    assert (result["cohort"], result["client_updates"]) == ("1-24", 1 + 12 + 24)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Metadata, MetricRecord, RecordDict
 from flwr.app.message import make_message
 
-from server.strategy import CentralDP, FedRecAdam, FedRecAvg, make_strategy, scheduled_rate
+from server.strategy import (
+    CentralDP,
+    FedRecAdam,
+    FedRecAvg,
+    make_strategy,
+    scheduled_fraction,
+    scheduled_rate,
+)
 
 
 def arrays(**tensors) -> ArrayRecord:
@@ -169,6 +176,24 @@ def test_the_server_steps_at_the_scheduled_rate_counting_the_rounds_of_a_resumed
     last, _ = s.aggregate_train(2, [update(1, 5, w=np.full(3, 2.0, np.float32))])
     assert s.stats[2].server_lr == 0.0
     np.testing.assert_array_equal(last["w"].numpy(), moved["w"].numpy())
+
+
+def test_the_cohort_grows_linearly_to_the_final_fraction_over_a_resumed_run():
+    """6 nodes, 1/6 in the run's round 1 to all 6 in round 5; resumed after 2 rounds, Flower's
+    rounds 1-3 are the run's 3-5: int(6 x 7/12) = 3, int(6 x 19/24) = 4, then 6 nodes."""
+    assert scheduled_fraction(0.25, 0.0, server_round=9, num_rounds=10) == 0.25
+    s = FedRecAvg(
+        fraction_train=1 / 6,
+        min_train_nodes=1,
+        min_available_nodes=1,
+        fraction_train_final=1.0,
+        round_offset=2,
+        num_rounds=3,
+    )
+    s._construct_messages = lambda record, node_ids, message_type: sent(node_ids, record)
+    model = arrays(w=np.zeros(3, np.float32))
+    sizes = [len(list(s.configure_train(r, model, ConfigRecord(), FakeGrid()))) for r in (1, 2, 3)]
+    assert sizes == [3, 4, 6]
 
 
 def test_a_schedule_needs_a_server_learning_rate():
