@@ -203,11 +203,12 @@ def paired_section(result: dict | None) -> str:
         return "## Paired test\n\nNot measured yet: run `fedrec-paired`."
     from simulations.paired import markdown
 
-    rescored = ", ".join(f"{c['rescored']:.4f}" for c in result["fed-k0"]["rescored"])
+    row = result["headline"]
+    rescored = ", ".join(f"{c['rescored']:.4f}" for c in result[row]["rescored"])
     ids = result["central-id-only"]
     return (
         "## Paired test\n\n"
-        "The headline federated row (fed-k0: each seed's selected model, rescored per user: "
+        f"The headline federated row ({row}: each seed's selected model, rescored per user: "
         f"{rescored}, as in the quality table) against popularity and an id-only sequential "
         "model that `fedrec-paired` trains centrally on the same split (the project's causal "
         f"transformer over item ids alone, SASRec-style: test NDCG@10 {pm(ids, 'ndcg@10')}). "

@@ -2,10 +2,11 @@
 
 Per user, test NDCG@10 (full ranking, seen items excluded, ties against the target) of:
 
-- the headline federated row (fed-k0): each seed's model that the server selected on
-  validation (`outputs/benchmark/fed-k0/seed-*/models/best`, written by `fedrec-benchmark`),
-  scored again on the test split; the mean over users must equal the row in
-  quality_ml100k.json, which checks that these are the models the row reported;
+- the headline federated row (`--row`, fed-k0-text-central: the best federated row in
+  quality_ml100k.json): each seed's model that the server selected on validation
+  (`outputs/benchmark/<row>/seed-*/models/best`, written by `fedrec-benchmark`), scored again
+  on the test split; the mean over users must equal the row in quality_ml100k.json, which
+  checks that these are the models the row reported;
 - popularity (training counts plus the validation item);
 - an id-based sequential baseline trained here on the same split: the project's causal
   transformer over item ids alone (item-text = false, SASRec-style), trained centrally, each
@@ -31,6 +32,7 @@ from common.config import Config
 from simulations.report import CONFIGS, RESULTS, ROOT, markdown_table
 
 PAIRED_FILE = "paired.json"
+HEADLINE = "fed-k0-text-central"
 SEEDS = (42, 43, 44)
 RESAMPLES = 10_000
 K = 10
@@ -75,13 +77,16 @@ def saved_model_ranks(model_dir: Path, items, cases) -> tuple[np.ndarray, Config
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedrec-paired",
-        description="Per-user paired bootstrap of the fed-k0 row against popularity and an "
+        description="Per-user paired bootstrap of a federated row against popularity and an "
         "id-only sequential model trained here. Writes simulations/results/paired.json, .md.",
-        epilog="Needs fedrec-benchmark's fed-k0 models (outputs/benchmark). About 8 minutes a "
-        "seed of the id-only model on 2 CPU cores.",
+        epilog="Needs fedrec-benchmark's models of the row (outputs/benchmark/<row>). About 8 "
+        "minutes a seed of the id-only model on 2 CPU cores.",
     )
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=list(SEEDS), help="fed-k0's seeds (42 43 44)"
+        "--row", default=HEADLINE, help=f"the federated row of quality_ml100k.json ({HEADLINE})"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=list(SEEDS), help="the row's seeds (42 43 44)"
     )
     parser.add_argument(
         "--baseline-seeds",
@@ -106,19 +111,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = eval_cases(users, "test")
     items = item_states(base, dataset.catalog)
     quality = {r["name"]: r for r in json.loads((args.out / QUALITY_FILE).read_text())}
+    if args.row not in quality:
+        raise SystemExit(f"{args.row!r} is not a row of {args.out / QUALITY_FILE}.")
 
     fed, checks = [], []
     for seed in args.seeds:
         ranks, _ = saved_model_ranks(
-            args.outputs / "fed-k0" / f"seed-{seed}" / "models" / "best", items, cases
+            args.outputs / args.row / f"seed-{seed}" / "models" / "best", items, cases
         )
         fed.append(ndcg_per_user(ranks))
-        reported = next(s["ndcg@10"] for s in quality["fed-k0"]["per_seed"] if s["seed"] == seed)
+        reported = next(s["ndcg@10"] for s in quality[args.row]["per_seed"] if s["seed"] == seed)
         checks.append({"seed": seed, "reported": reported, "rescored": float(fed[-1].mean())})
         if abs(reported - fed[-1].mean()) > 1e-6:
             raise SystemExit(
-                f"fed-k0 seed {seed}: the saved best model scores {fed[-1].mean():.6f} on test, "
-                f"the results file says {reported:.6f}: these are not the row's models."
+                f"{args.row} seed {seed}: the saved best model scores {fed[-1].mean():.6f} on "
+                f"test, the results file says {reported:.6f}: these are not the row's models."
             )
     headline = np.mean(fed, axis=0)
 
@@ -148,10 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "central-id-only": np.mean([r.pop("per_user") for r in id_runs], axis=0),
     }
     result = {
-        "headline": "fed-k0",
+        "headline": args.row,
         "seeds": args.seeds,
         "baseline_seeds": args.baseline_seeds or args.seeds,
-        "fed-k0": {"ndcg@10": float(headline.mean()), "rescored": checks},
+        args.row: {"ndcg@10": float(headline.mean()), "rescored": checks},
         "central-id-only": {
             "ndcg@10": float(np.mean([r["ndcg@10"] for r in id_runs])),
             "ndcg@10_std": float(np.std([r["ndcg@10"] for r in id_runs]))
@@ -173,10 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def markdown(result: dict) -> str:
+    row = result["headline"]
     body = [
         [
-            f"fed-k0 − {name}",
-            f"{result['fed-k0']['ndcg@10']:.4f}",
+            f"{row} − {name}",
+            f"{result[row]['ndcg@10']:.4f}",
             f"{c['baseline_ndcg@10']:.4f}",
             f"{c['mean']:+.4f}",
             f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]",
@@ -184,10 +192,10 @@ def markdown(result: dict) -> str:
         ]
         for name, c in result["comparisons"].items()
     ]
-    header = ["pair", "fed-k0", "baseline", "mean difference", "95% interval", "resamples ≤ 0"]
+    header = ["pair", row, "baseline", "mean difference", "95% interval", "resamples ≤ 0"]
     users = next(iter(result["comparisons"].values()))["users"]
     return (
-        f"Per-user test NDCG@10, fed-k0 averaged over seeds {result['seeds']}, the id-only "
+        f"Per-user test NDCG@10, {row} averaged over seeds {result['seeds']}, the id-only "
         f"model over {result['baseline_seeds']}; "
         f"{users} users resampled {RESAMPLES:,} times.\n\n" + markdown_table(header, body) + "\n"
     )

@@ -87,6 +87,29 @@ def test_the_paired_bootstrap_matches_the_normal_approximation() -> None:
     assert 0.45 < centred < 0.55
 
 
+def test_the_paired_table_and_section_name_the_row_that_was_tested() -> None:
+    from simulations.paired import markdown
+
+    pair = {"mean": 0.006, "ci95": [-0.004, 0.016], "share_at_or_below_zero": 0.12, "users": 943}
+    result = {
+        "headline": "fed-k0-text-central",
+        "seeds": [42, 43, 44],
+        "baseline_seeds": [42],
+        "fed-k0-text-central": {
+            "ndcg@10": 0.1027,
+            "rescored": [{"seed": 42, "reported": 0.0985, "rescored": 0.0985}],
+        },
+        "central-id-only": {"ndcg@10": 0.0969, "ndcg@10_std": None},
+        "comparisons": {"central-id-only": {"baseline_ndcg@10": 0.0969, **pair}},
+    }
+    assert "| fed-k0-text-central − central-id-only | 0.1027 | 0.0969 | +0.0060 |" in markdown(
+        result
+    )
+    section = evidence.paired_section(result)
+    assert "The headline federated row (fed-k0-text-central: each seed's" in section
+    assert "rescored per user: 0.0985" in section
+
+
 def test_per_user_ndcg_averages_to_the_ranking_metric() -> None:
     import numpy as np
 
