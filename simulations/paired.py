@@ -113,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     quality = {r["name"]: r for r in json.loads((args.out / QUALITY_FILE).read_text())}
     if args.row not in quality:
         raise SystemExit(f"{args.row!r} is not a row of {args.out / QUALITY_FILE}.")
+    if quality[args.row].get("adapter_k", 0) != 0:  # the item states below are k = 0's
+        raise SystemExit(f"{args.row} has adapter-k > 0: fedrec-paired scores k = 0 rows only.")
 
     fed, checks = [], []
     for seed in args.seeds:
