@@ -185,6 +185,8 @@ class ValidatedReplies:
             raise ValueError("DP-FedAvg samples at a fixed rate: no cohort growth with it.")
         self._first_fraction = self.fraction_train
         self.fraction_train_final = fraction_train_final
+        if fraction_train_final:  # FedAvg draws max(int(N x fraction), min_train_nodes) nodes:
+            self.min_train_nodes = 1  # the scheduled fraction alone sets the cohort
         # the server optimizer's learning rate: FedOpt's eta, FedAvgM's server_learning_rate
         self._rate_attr = next((a for a in RATE_ATTRS if hasattr(self, a)), None)
         if lr_schedule != "constant" and self._rate_attr is None:
@@ -239,14 +241,13 @@ class ValidatedReplies:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         stats = self.stats.setdefault(server_round, RoundStats())
-        if self.fraction_train_final:  # FedAvg draws max(int(N x fraction), min_train_nodes)
+        if self.fraction_train_final:
             self.fraction_train = scheduled_fraction(
                 self._first_fraction,
                 self.fraction_train_final,
                 server_round=self._round(server_round),
                 num_rounds=self.round_offset + self.num_rounds,
             )
-            self.min_train_nodes = max(1, int(len(list(grid.get_node_ids())) * self.fraction_train))
         self._global = {k: a.numpy().astype(np.float32) for k, a in arrays.items()}
         wire = SENT_AS[self.wire_dtype][1]
         self._expected = {
