@@ -27,9 +27,11 @@ RESULT = "grid_pause"
 WARMUP_ROUNDS = 5
 
 
-def round_seconds(metrics: Path) -> list[float]:
+def round_seconds(run_dir: Path) -> list[float]:
     """Seconds of each round without a central evaluation, after the first few."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    from server.runlog import RunLog
+
+    rows = RunLog(run_dir).metrics_rows()
     return [r["round_s"] for r in rows if r["round"] > WARMUP_ROUNDS and "val_ndcg@10" not in r]
 
 
@@ -54,7 +56,7 @@ def measure(scenario: Path, pauses: Sequence[float], *, rounds: int, repeats: in
                 )
                 if not outcome.ok:
                     raise RuntimeError(f"the run ended {outcome.status}; see {out}/run.log")
-                seconds = round_seconds(out / "metrics.jsonl")
+                seconds = round_seconds(out)
                 runs.append(
                     {
                         "reply_poll_s": pause,
