@@ -155,6 +155,13 @@ class Config:
     server_tau: float = field(
         default=1e-3, metadata=_doc("Adaptivity tau of fedadam / fedyogi / fedadagrad.")
     )
+    server_beta2: float = field(
+        default=0.99,
+        metadata=_doc(
+            "Decay of fedadam's / fedyogi's second moment: Flower's 0.99; torch's Adam, which "
+            "central training uses, takes 0.999."
+        ),
+    )
     client_weighting: str = field(
         default="examples",
         metadata=_doc("Aggregation weights: examples (capped) | uniform."),
@@ -349,6 +356,8 @@ class Config:
         for name in ("server_learning_rate", "server_tau", "max_client_weight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{key_of(name)} must be positive, got {getattr(self, name)}.")
+        if not 0 < self.server_beta2 < 1:
+            raise ValueError(f"server-beta2 must lie in (0, 1), got {self.server_beta2}.")
         if self.update_norm_limit != 0 and self.update_norm_limit < 1:
             raise ValueError(
                 "update-norm-limit must be 0 (off) or at least 1 (a multiple of the median), "

@@ -10,7 +10,7 @@ from typing import Any
 
 from common.config import Config
 from common.files import FINAL_MODEL, METRICS_FILE, MODELS_DIR, PUSH_FILE
-from common.rounds import RoundRow, check_row
+from common.rounds import RoundRow, check_row, read_rows
 from common.weights import load_model_dir, save_model_dir
 
 LATEST = "LATEST"  # text file naming the newest round directory
@@ -84,9 +84,7 @@ class RunLog:
     def metrics_rows(self) -> list[dict[str, Any]]:
         """Every row of the metrics file written so far."""
         path = self.root / METRICS_FILE
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_rows(path) if path.exists() else []
 
     def save_final(self, *, state, cfg: Config, metadata: dict[str, Any]) -> Path:
         """The run's final global model."""

@@ -129,6 +129,7 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         message_ttl_s=cfg.round_timeout_s,
         server_momentum=cfg.server_momentum,
         server_tau=cfg.server_tau,
+        server_beta2=cfg.server_beta2,
         wire_dtype=cfg.wire_dtype,
         client_weighting=cfg.client_weighting,
         max_client_weight=cfg.max_client_weight,

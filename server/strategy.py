@@ -585,6 +585,7 @@ def make_strategy(
     server_learning_rate: float,
     server_momentum: float = 0.9,
     server_tau: float = 1e-3,
+    server_beta2: float = 0.99,
     trimmed_beta: float = 0.2,
     num_malicious_nodes: int = 0,
     **kwargs,
@@ -600,6 +601,8 @@ def make_strategy(
         kwargs.update(num_malicious_nodes=num_malicious_nodes)
     elif name not in ("fedavg", "fedmedian"):
         kwargs.update(eta=server_learning_rate, tau=server_tau)
+        if name in ("fedadam", "fedyogi"):
+            kwargs.update(beta_2=server_beta2)
     return STRATEGIES[name](**kwargs)
 
 

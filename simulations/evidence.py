@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.rounds import read_rows
 from simulations.benchmark import QUALITY_FILE as QUALITY
 from simulations.coldstart import COLDSTART_FILE as COLDSTART
 from simulations.freshness import RESULT_FILE as FRESHNESS
@@ -57,9 +58,7 @@ def read_json(path: Path):
 
 
 def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return list(read_rows(path)) if path.exists() else []
 
 
 def pm(row: dict, key: str) -> str:

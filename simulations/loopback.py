@@ -27,6 +27,7 @@ from typing import Any
 from common.flower.cli import FlowerCli
 from common.flower.config import format_toml_value
 from common.flower.processes import RunnerError, flower_env, free_port, tail, write_flwr_config
+from common.rounds import read_rows
 
 STARTED = re.compile(r"SuperNode started \(pid (\d+)\)")
 
@@ -250,9 +251,7 @@ class LoopbackFederation:
 
     def rounds(self) -> list[dict[str, Any]]:
         path = self.output / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_rows(path) if path.exists() else []
 
     def wait_for_round(self, round_: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -359,7 +359,7 @@ def resume(*, work: Path, rounds: int = 4, kill_after: int = 2) -> dict[str, Any
     done = subprocess.run(
         [*cmd, "--run-config", "resume=true"], cwd=ROOT, env=ENV, capture_output=True, text=True
     )
-    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    lines = read_rows(metrics)
     log_after = (out_dir / "run.log").read_text()
     return {
         "rounds": rounds,

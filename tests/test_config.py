@@ -38,6 +38,7 @@ def test_from_mapping_coerces_and_rejects_unknown_keys():
         ({"server_lr_schedule": "cosine"}, "needs a strategy with a server learning rate"),
         ({"server_ema": 1.0}, r"server-ema must lie in \[0, 1\)"),
         ({"reply_poll_s": 0.0}, "reply-poll-s must be positive"),
+        ({"server_beta2": 1.0}, r"server-beta2 must lie in \(0, 1\)"),
     ],
 )
 def test_invalid_configs_fail_with_a_sentence(changes, message):

@@ -40,10 +40,13 @@ def one_step_fedadam(tmp_path, backbone, data, **changes) -> Config:
 
 
 def test_emulated_rounds_move_the_model_as_the_federation_does(tmp_path, tiny_world):
-    """Two rounds: the second also checks FedAdam's moments and bias correction, and the
-    server's moving average of the global model (server-ema)."""
+    """Two rounds: the second also checks FedAdam's moments and bias correction (at a
+    server-beta2 other than Flower's default), and the server's moving average of the global
+    model (server-ema)."""
     rounds = 2
-    cfg = one_step_fedadam(tmp_path, *tiny_world, num_server_rounds=rounds, server_ema=0.5)
+    cfg = one_step_fedadam(
+        tmp_path, *tiny_world, num_server_rounds=rounds, server_ema=0.5, server_beta2=0.9
+    )
     run_inprocess(cfg)
     checkpoint = tmp_path / "out" / "models" / f"round-{rounds:03d}"
     federated, _ = load_model_dir(checkpoint)

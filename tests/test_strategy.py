@@ -132,6 +132,12 @@ def test_a_round_with_no_usable_update_keeps_the_model(strategy):
     assert strategy.aggregate_train(1, [bad]) == (None, None)
 
 
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_server_beta2_reaches_flowers_optimizer(name):
+    s = make_strategy(name, server_learning_rate=0.1, server_beta2=0.999)
+    assert s.beta_2 == 0.999
+
+
 def test_fedadam_keeps_float32():
     s = make_strategy("fedadam", server_learning_rate=0.1, min_available_nodes=1, min_train_nodes=1)
     assert isinstance(s, FedRecAdam)
