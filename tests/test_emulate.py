@@ -66,7 +66,8 @@ def test_emulated_rounds_move_the_model_as_the_federation_does(tmp_path, tiny_wo
     moved = max(np.abs(emulated[k] - start[k]).max() for k in start)
     assert moved > 1e-3  # the round did something
     for key in federated:
-        np.testing.assert_allclose(emulated[key], federated[key], rtol=0, atol=1e-6, err_msg=key)
+        # float32 sums in another order: a few units in the last place of values near 2
+        np.testing.assert_allclose(emulated[key], federated[key], rtol=1e-6, atol=1e-6, err_msg=key)
     names = [n for n, p in emulation.model.named_parameters() if p.requires_grad]
     for key, average in zip(names, emulation.average, strict=True):
         np.testing.assert_allclose(
