@@ -222,8 +222,22 @@ def emulate(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     }
 
 
-def summarise(name: str, overrides: dict, runs: list[dict]) -> dict[str, Any]:
-    row = {"name": name, "overrides": overrides, "per_seed": runs}
+def kept_runs(previous: dict | None, overrides: dict, scenario: str, runs: list[dict]) -> list:
+    """A variant's runs after `runs`: the stored runs of other seeds stay when the stored row
+    was run from the same scenario with the same overrides; a seed run again replaces its
+    stored run. Sorted by seed."""
+    same = (
+        previous is not None
+        and previous.get("scenario") == scenario
+        and previous.get("overrides") == overrides
+    )
+    fresh = {r["seed"] for r in runs}
+    old = [r for r in previous["per_seed"] if r["seed"] not in fresh] if same else []
+    return sorted(old + runs, key=lambda r: r["seed"])
+
+
+def summarise(name: str, overrides: dict, runs: list[dict], scenario: str = "") -> dict[str, Any]:
+    row = {"name": name, "scenario": scenario, "overrides": overrides, "per_seed": runs}
     for key in ("best_val_ndcg@10", "test_ndcg@10", "test_hr@10"):
         values = [r[key] for r in runs]
         row[key], row[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
@@ -267,7 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         "--scenario", type=Path, default=CONFIGS / "bench-fed.toml", help="(bench-fed.toml)"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="(42 43 44)")
-    parser.add_argument("--only", nargs="*", help="variant names to (re)run; others are kept")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        help="variant names to (re)run; the other variants are kept, and so are a rerun "
+        "variant's stored seeds not in --seeds when scenario and overrides are unchanged",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="results directory")
     parser.add_argument(
         "--table-only", action="store_true", help="rewrite the markdown from the results file"
@@ -284,19 +303,28 @@ def main(argv: list[str] | None = None) -> int:
     for name, overrides in variants.items():
         if args.only is not None and name not in args.only:
             continue
-        runs = []
+        scenario = args.scenario.name
+        stored = done.get(name)
+        if stored and kept_runs(stored, overrides, scenario, []) == [] and stored["per_seed"]:
+            print(
+                f"{name}: the stored seeds were run from another scenario or other overrides "
+                "(or before runs recorded their scenario); replacing them",
+                file=sys.stderr,
+                flush=True,
+            )
         for seed in args.seeds:
             cfg = Config().merged({**base, **overrides, "seed": seed})
             print(f"{name}, seed {seed}", file=sys.stderr, flush=True)
-            runs.append(emulate(cfg))
+            run = emulate(cfg)
             print(
-                f"{name}, seed {seed}: best val {runs[-1]['best_val_ndcg@10']:.4f} "
-                f"(round {runs[-1]['best_round']}), test {runs[-1]['test_ndcg@10']:.4f}",
+                f"{name}, seed {seed}: best val {run['best_val_ndcg@10']:.4f} "
+                f"(round {run['best_round']}), test {run['test_ndcg@10']:.4f}",
                 flush=True,
             )
-        done[name] = summarise(name, overrides, runs)
-        rows = [done[n] for n in variants if n in done]
-        report.write_results(path, rows, markdown(rows))
+            runs = kept_runs(done.get(name), overrides, scenario, [run])
+            done[name] = summarise(name, overrides, runs, scenario)  # written seed by seed
+            rows = [done[n] for n in variants if n in done]
+            report.write_results(path, rows, markdown(rows))
     return 0
 
 

@@ -7,7 +7,14 @@ import pytest
 
 from common.config import Config
 from common.weights import load_model_dir, trainable_state
-from simulations.emulate import Emulation, check_emulable, emulate, markdown, summarise
+from simulations.emulate import (
+    Emulation,
+    check_emulable,
+    emulate,
+    kept_runs,
+    markdown,
+    summarise,
+)
 from simulations.inprocess import run_inprocess
 from tests.tiny import world_config
 
@@ -125,3 +132,63 @@ def test_the_table_gives_mean_and_spread_over_seeds_and_one_seed_without_a_sprea
         "| a | fraction-train=0.02 | 750 x 18 | 42, 43, 44 | 0.1100 ± 0.0082 | 0.0900 ± 0.0082 |"
     )
     assert table[3] == "| b | — | 750 x 18 | 42 | 0.1000 | 0.0800 |"
+
+
+def test_rerunning_some_seeds_keeps_the_others_only_for_the_same_variant(
+    tmp_path, monkeypatch, capsys
+):
+    import json
+
+    import simulations.emulate as emu
+
+    def fake(cfg, progress=True):  # a run's record, its numbers made from the config
+        return {
+            "seed": cfg.seed,
+            "best_val_ndcg@10": cfg.server_learning_rate + cfg.seed / 1000,
+            "best_round": 1,
+            "test_ndcg@10": 0.1,
+            "test_hr@10": 0.2,
+            "rounds": cfg.num_server_rounds,
+            "cohort": 5,
+        }
+
+    monkeypatch.setattr(emu, "emulate", fake)
+    scenario = tmp_path / "scenario.toml"
+    scenario.write_text("[run]\nnum-server-rounds = 10\n")
+    variants = tmp_path / "v.toml"
+
+    def run(rate, *seeds):
+        variants.write_text(f'["a"]\nserver-learning-rate = {rate}\n')
+        argv = ["--scenario", str(scenario), "--variants", str(variants)]
+        emu.main([*argv, "--results", str(tmp_path), "--seeds", *map(str, seeds)])
+        (row,) = json.loads((tmp_path / "v.json").read_text())
+        return [(r["seed"], round(r["best_val_ndcg@10"], 4)) for r in row["per_seed"]]
+
+    assert run(0.01, 43, 44) == [(43, 0.053), (44, 0.054)]
+    assert run(0.01, 42) == [(42, 0.052), (43, 0.053), (44, 0.054)]  # 42 added
+    assert run(0.01, 43) == [(42, 0.052), (43, 0.053), (44, 0.054)]  # 43 replaced
+    assert "replacing them" not in capsys.readouterr().err
+    assert run(0.02, 42) == [(42, 0.062)]  # other overrides: the stored seeds are not its own
+    assert "replacing them" in capsys.readouterr().err
+
+
+def test_kept_runs_need_the_same_scenario():
+    stored = summarise(
+        "a",
+        {},
+        [
+            {
+                "seed": 43,
+                "best_val_ndcg@10": 0.1,
+                "test_ndcg@10": 0.1,
+                "test_hr@10": 0.2,
+                "rounds": 1,
+                "cohort": 1,
+            }
+        ],
+        "x.toml",
+    )
+    new = [dict(stored["per_seed"][0], seed=42)]
+    assert [r["seed"] for r in kept_runs(stored, {}, "x.toml", new)] == [42, 43]
+    assert [r["seed"] for r in kept_runs(stored, {}, "y.toml", new)] == [42]
+    assert [r["seed"] for r in kept_runs(None, {}, "x.toml", new)] == [42]
