@@ -218,7 +218,7 @@ def variant_run(
     """Train one model centrally on the warm data and score it on the cold cases; with
     `save_to`, keep it there as a model directory over the warm catalog."""
     from common.backbone import ItemStates
-    from simulations.benchmark import train_central
+    from simulations.central import train_central
 
     start = time.perf_counter()
     warm_items = ItemStates(items.states[: split.num_warm], items.mask[: split.num_warm])

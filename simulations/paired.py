@@ -102,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from common.task import eval_cases, item_states, load_data, popularity_ranks
     from common.train import evaluate
-    from simulations.benchmark import QUALITY_FILE, train_central
+    from simulations.benchmark import QUALITY_FILE
+    from simulations.central import train_central
 
     started = time.perf_counter()
     base = Config.from_toml(CONFIGS / "bench-central.toml")
