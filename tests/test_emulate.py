@@ -141,7 +141,7 @@ def test_rerunning_some_seeds_keeps_the_others_only_for_the_same_variant(
 
     import simulations.emulate as emu
 
-    def fake(cfg, progress=True):  # a run's record, its numbers made from the config
+    def fake(cfg, progress=True, clients="users"):  # a run's record, from the config
         return {
             "seed": cfg.seed,
             "best_val_ndcg@10": cfg.server_learning_rate + cfg.seed / 1000,
@@ -192,3 +192,27 @@ def test_kept_runs_need_the_same_scenario():
     assert [r["seed"] for r in kept_runs(stored, {}, "x.toml", new)] == [42, 43]
     assert [r["seed"] for r in kept_runs(stored, {}, "y.toml", new)] == [42]
     assert [r["seed"] for r in kept_runs(None, {}, "x.toml", new)] == [42]
+
+
+def test_windows_as_clients_take_the_same_full_cohort_step_as_users(tmp_path, tiny_world):
+    """Every window its own client (the diagnostic of central batches): with every client in
+    the round and no weight cap, each target weighs 1/W either way, so one step is the same."""
+    import torch
+
+    from common.task import item_states, load_data
+
+    cfg = one_step_fedadam(tmp_path, *tiny_world, max_client_weight=1e9, wire_dtype="half")
+    dataset, splits = load_data(cfg)
+    users = list(splits)
+    items = item_states(cfg, dataset.catalog)
+    after = {}
+    for clients in ("users", "windows"):
+        torch.manual_seed(0)
+        run = Emulation(cfg, users, items, len(dataset.catalog), clients=clients)
+        run.step(np.arange(len(run.windows)), 1, cfg.server_learning_rate)
+        after[clients] = trainable_state(run.model)
+    assert len(run.windows) == len(run.records.user) > len(users)
+    for key, value in after["users"].items():
+        np.testing.assert_allclose(after["windows"][key], value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="clients must be"):
+        Emulation(cfg, users, items, len(dataset.catalog), clients="items")
