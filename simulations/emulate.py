@@ -230,17 +230,25 @@ def emulate(cfg: Config, *, progress: bool = True, clients: str = "users") -> di
     }
 
 
-def kept_runs(previous: dict | None, overrides: dict, scenario: str, runs: list[dict]) -> list:
-    """A variant's runs after `runs`: the stored runs of other seeds stay when the stored row
-    was run from the same scenario with the same overrides; a seed run again replaces its
-    stored run. Sorted by seed."""
-    same = (
+def same_variant(previous: dict | None, overrides: dict, scenario: str) -> bool:
+    """Whether a stored row was run from this scenario with these overrides."""
+    return (
         previous is not None
         and previous.get("scenario") == scenario
         and previous.get("overrides") == overrides
     )
+
+
+def kept_runs(previous: dict | None, overrides: dict, scenario: str, runs: list[dict]) -> list:
+    """A variant's runs after `runs`: the stored runs of other seeds stay when the stored row
+    is the same variant (same_variant); a seed run again replaces its stored run. Sorted by
+    seed."""
     fresh = {r["seed"] for r in runs}
-    old = [r for r in previous["per_seed"] if r["seed"] not in fresh] if same else []
+    old = (
+        [r for r in previous["per_seed"] if r["seed"] not in fresh]
+        if same_variant(previous, overrides, scenario)
+        else []
+    )
     return sorted(old + runs, key=lambda r: r["seed"])
 
 
@@ -314,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         scenario = args.scenario.name
         stored = done.get(name)
-        if stored and kept_runs(stored, overrides, scenario, []) == [] and stored["per_seed"]:
+        if stored and stored["per_seed"] and not same_variant(stored, overrides, scenario):
             print(
                 f"{name}: the stored seeds were run from another scenario or other overrides "
                 "(or before runs recorded their scenario); replacing them",
