@@ -69,11 +69,13 @@ def test_two_devices_train_and_install_the_final_model(tmp_path: Path, world) ->
         fed.add_devices({"dev-a": files["dev-a"], "dev-b": files["dev-b"]})
         stranger = fed.outsider("stranger", files["stranger"])
         fed.start_server()
-        fed.start_device("dev-a")
-        fed.start_device("dev-b")
-        fed.start_device("stranger")
+        # Until both devices join, the run waits (min-nodes 2): what follows meets a live
+        # server, and superlink.json (gone when the run ends) names the operator's address
+        live = json.loads((fed.home / "superlink.json").read_text())
+        assert live["address"] == f"127.0.0.1:{fed.port + 1}"
 
         # The unregistered device is refused and exits with its own code
+        fed.start_device("stranger")
         assert stranger.process.wait(timeout=120) == EXIT_REFUSED, stranger.out.read_text()
         assert "refused" in stranger.out.read_text()
 
@@ -82,8 +84,10 @@ def test_two_devices_train_and_install_the_final_model(tmp_path: Path, world) ->
         # refused there; the operator's own connection (loopback) is what the server uses.
         errors = fed.probe_control_api(tmp_path, stranger.key.with_suffix(".pub"))
         assert all(errors.values()), errors  # each attempt failed, with an error
-        live = json.loads((fed.home / "superlink.json").read_text())
-        assert live["address"] == f"127.0.0.1:{fed.port + 1}"
+        assert fed.server.poll() is None  # refused by a running server, not by a closed port
+
+        fed.start_device("dev-a")
+        fed.start_device("dev-b")
 
         code = fed.wait_server(timeout_s=900)
         server_out = (fed.root / "server.out").read_text()
