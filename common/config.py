@@ -28,7 +28,9 @@ STRATEGIES = (
 )
 NORM_ACTIONS = ("clip", "reject")
 LR_SCHEDULES = ("constant", "cosine")
+CLIENT_SAMPLINGS = ("random", "shuffled")  # see server/strategy.py ShuffledPasses
 SCHEDULED_STRATEGIES = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")  # have a server lr
+ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")  # Flower's FedOpt: moments, tau
 FAULT_KINDS = ("raise", "hang", "garbage", "scale", "sign-flip")  # see client/faults.py
 WIRE_DTYPES = ("int8", "int8-down", "half", "float32")  # see common/wire.py
 DP_MODES = ("off", "fedavg", "sgd")  # see common/privacy.py
@@ -97,6 +99,14 @@ class Config:
             "fraction-train in round 1 (0 = fraction-train throughout)."
         ),
     )
+    client_sampling: str = field(
+        default="random",
+        metadata=_doc(
+            "How a round's training cohort is drawn: random (Flower's draw, afresh every "
+            "round) | shuffled (passes over the connected nodes in a reshuffled order, as "
+            "epochs go over a dataset: every node trains once before any trains twice)."
+        ),
+    )
     fraction_evaluate: float = field(default=1.0, metadata=_doc("Fraction evaluated (0 = off)."))
     evaluate_every: int = field(default=1, metadata=_doc("Federated evaluation every N rounds."))
     partition: str = field(default="user", metadata=_doc("user (one per client) | iid."))
@@ -160,6 +170,14 @@ class Config:
         metadata=_doc(
             "Decay of fedadam's / fedyogi's second moment: Flower's 0.99; torch's Adam, which "
             "central training uses, takes 0.999."
+        ),
+    )
+    server_restart_every: int = field(
+        default=0,
+        metadata=_doc(
+            "Rounds between restarts of fedadam's / fedyogi's / fedadagrad's state: moments "
+            "zeroed and bias correction begun again, as central training starts a fresh Adam "
+            "every epoch (0 = never)."
         ),
     )
     client_weighting: str = field(
@@ -298,7 +316,7 @@ class Config:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{key_of(name)} must be at least 1, got {getattr(self, name)}.")
-        for name in ("min_nodes", "push_every", "max_in_flight"):
+        for name in ("min_nodes", "push_every", "max_in_flight", "server_restart_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{key_of(name)} must be 0 or more, got {getattr(self, name)}.")
         if self.reply_poll_s <= 0:
@@ -340,6 +358,7 @@ class Config:
             "fault_kind": FAULT_KINDS,
             "wire_dtype": WIRE_DTYPES,
             "server_lr_schedule": LR_SCHEDULES,
+            "client_sampling": CLIENT_SAMPLINGS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -352,6 +371,11 @@ class Config:
                 f"server-lr-schedule = {self.server_lr_schedule!r} needs a strategy with a server "
                 f"learning rate ({', '.join(SCHEDULED_STRATEGIES)}); strategy is "
                 f"{self.strategy!r}."
+            )
+        if self.server_restart_every and self.strategy not in ADAPTIVE_STRATEGIES:
+            raise ValueError(
+                f"server-restart-every restarts an adaptive server optimizer's state "
+                f"({', '.join(ADAPTIVE_STRATEGIES)}); strategy is {self.strategy!r}."
             )
         for name in ("server_learning_rate", "server_tau", "max_client_weight"):
             if getattr(self, name) <= 0:
@@ -401,6 +425,11 @@ class Config:
                 f"dp-mode={self.dp_mode!r} protects users only if nothing un-noised leaves "
                 "their data: set fraction-evaluate = 0 (no per-client evaluation replies); "
                 "simulations evaluate on the server (central-eval)."
+            )
+        if self.dp_mode == "fedavg" and self.client_sampling != "random":
+            raise ValueError(
+                "dp-mode = 'fedavg' Poisson-samples every node every round, as its accountant "
+                "assumes: set client-sampling = 'random'."
             )
         if self.dp_mode == "fedavg" and self.fraction_train_final:
             raise ValueError(

@@ -141,6 +141,8 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         round_offset=done,
         lr_schedule=cfg.server_lr_schedule,
         fraction_train_final=cfg.fraction_train_final,
+        client_sampling=cfg.client_sampling,
+        restart_every=cfg.server_restart_every,
     )
 
     # 5. After each round: central evaluation (simulation), checkpoint, metrics row

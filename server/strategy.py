@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -27,9 +28,10 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import clip_inputs_inplace, compute_stdv, get_norm
 
-from common.config import LR_SCHEDULES, NORM_ACTIONS
+from common.config import CLIENT_SAMPLINGS, LR_SCHEDULES, NORM_ACTIONS
 from common.privacy import secure_numpy_rng
 from common.wire import SENT_AS, decode_update_values, encode_weights, update_shape
+from server.sampling import ShuffledPasses
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,10 @@ class ValidatedReplies:
     `evaluate_every` rounds. A server optimizer's learning rate follows `lr_schedule` over the
     run's `round_offset + num_rounds` rounds (scheduled_rate), and with `fraction_train_final`
     the cohort grows from `fraction_train` to it over the same rounds (scheduled_fraction).
+    With `restart_every`, FedAdam's / FedYogi's / FedAdagrad's moments are zeroed every
+    `restart_every` rounds of the run and bias correction begins again (_optimizer_round).
+    With `client_sampling="shuffled"` a cohort of Flower's size is the next nodes of a pass
+    over the connected nodes in a reshuffled order (server/sampling.py), not a fresh draw.
 
     With `central_dp`, the strategy is DP-FedAvg underneath the server optimizer: nodes are
     Poisson-sampled (build it with fraction_train = 1, it keeps each node with probability
@@ -178,9 +184,28 @@ class ValidatedReplies:
         round_offset: int = 0,
         lr_schedule: str = "constant",
         fraction_train_final: float = 0.0,
+        client_sampling: str = "random",
+        restart_every: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if client_sampling not in CLIENT_SAMPLINGS:
+            raise ValueError(
+                f"client_sampling must be one of {CLIENT_SAMPLINGS}, got {client_sampling!r}."
+            )
+        if client_sampling != "random" and central_dp is not None:
+            raise ValueError("DP-FedAvg Poisson-samples its cohorts: client_sampling='random'.")
+        # shuffled: passes over the nodes, drawn with Python's `random` as Flower's own draw is
+        self._passes = (
+            ShuffledPasses(lambda nodes: random.sample(nodes, len(nodes)))
+            if client_sampling == "shuffled"
+            else None
+        )
+        self._nodes: list[int] = []  # the nodes connected when this round's cohort was drawn
+        if restart_every and not hasattr(self, "v_t"):
+            raise ValueError(f"{type(self).__name__} has no optimizer state to restart.")
+        self.restart_every = restart_every
+        self._steps = 0  # server optimizer steps since its state was last zeroed
         if fraction_train_final and central_dp is not None:
             raise ValueError("DP-FedAvg samples at a fixed rate: no cohort growth with it.")
         self._first_fraction = self.fraction_train
@@ -219,6 +244,8 @@ class ValidatedReplies:
         live is 12 hours)."""
         if self.central_dp is not None and message_type == MessageType.TRAIN:
             node_ids = self.poisson_sample(list(node_ids))
+        elif self._passes is not None and message_type == MessageType.TRAIN:
+            node_ids = self._passes.draw(self._nodes, len(list(node_ids)))  # Flower's size
         wire = RecordDict(dict(record.items()))
         wire["arrays"] = encode_weights(
             {k: a.numpy() for k, a in record["arrays"].items()},
@@ -253,6 +280,8 @@ class ValidatedReplies:
         self._expected = {
             k: (update_shape(tuple(a.shape), self.wire_dtype), wire) for k, a in arrays.items()
         }
+        if self._passes is not None:
+            self._nodes = list(grid.get_node_ids())
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = messages
         stats.clients_sampled = len(messages)
@@ -354,7 +383,7 @@ class ValidatedReplies:
                 num_rounds=self.round_offset + self.num_rounds,
             )
             setattr(self, self._rate_attr, stats.server_lr)
-        arrays, metrics = super().aggregate_train(server_round, weights)
+        arrays, metrics = super().aggregate_train(self._optimizer_round(server_round), weights)
         if arrays is not None:
             arrays = self._as_expected(arrays)
             if not all(np.all(np.isfinite(a.numpy())) for a in arrays.values()):
@@ -465,6 +494,16 @@ class ValidatedReplies:
             {NUM_EXAMPLES: 1.0}
         )
         return release
+
+    def _optimizer_round(self, server_round: int) -> int:
+        """The round Flower's FedOpt bias-corrects at: with restart_every, the steps since
+        its moments were zeroed, zeroing them on the first round of every period."""
+        if not self.restart_every:
+            return server_round
+        if (self._round(server_round) - 1) % self.restart_every == 0:
+            self.m_t, self.v_t, self._steps = None, None, 0  # FedAdagrad keeps m_t too
+        self._steps += 1
+        return self._steps
 
     def _round(self, server_round: int) -> int:
         """The run's round number of Flower's `server_round` (the same as metrics.jsonl's)."""

@@ -5,16 +5,17 @@ the gradient of its mean loss, so the server's weighted mean update is minus the
 the cohort's loss with per-interaction weights w_u / (W n_u): w_u = min(n_u, max-client-weight)
 the client's weight, W their sum, n_u its predicted interactions. A round is then one batched
 backward pass over the cohort's windows and one FedAdam step with Flower's arithmetic (betas
-0.9 / server-beta2, tau, the learning rate bias-corrected at server_round + 1, server-lr-schedule):
-several times faster than Flower's simulation on this machine, for ablations over many
-rounds. The gradient is taken at the weights as the wire-dtype delivers them (float16, or int8
-rows for int8-down), as clients do. Left out: the rounding of updates on the way up (bfloat16,
-or int8 stochastic rounding), the update-norm bound (it clipped none of fed-k0's 14,100
-updates) and the cohort's draw (numpy's, not Flower's). Everything else is
-the project's own code: records, model, loss, evaluation; selection on validation, the test
-split read once per run; with server-ema, the moving average of the global model is what is
-validated, selected and tested, as in the ServerApp. tests/test_emulate.py checks a round
-against the real ServerApp and ClientApp.
+0.9 / server-beta2, tau, the learning rate bias-corrected at server_round + 1,
+server-lr-schedule, server-restart-every): several times faster than Flower's simulation on
+this machine, for ablations over many rounds. The gradient is taken at the weights as the
+wire-dtype delivers them (float16, or int8 rows for int8-down), as clients do. Left out: the
+rounding of updates on the way up (bfloat16, or int8 stochastic rounding), the update-norm
+bound (it clipped none of fed-k0's 14,100 updates) and the cohort's draw (numpy's, not
+Flower's; client-sampling = shuffled uses the ServerApp's ShuffledPasses with numpy's shuffle).
+Everything else is the project's own code: records, model, loss, evaluation; selection on
+validation, the test split read once per run; with server-ema, the moving average of the global
+model is what is validated, selected and tested, as in the ServerApp. tests/test_emulate.py
+checks a round against the real ServerApp and ClientApp.
 
     fedrec-emulate --variants simulations/configs/emulate-schedule.toml
 """
@@ -76,6 +77,7 @@ class Emulation:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
+        self._steps = 0  # FedAdam steps since its moments were zeroed (server-restart-every)
         seqs = [u.train for u in users]
         self.records = build_records(seqs, history_len=cfg.history_len, stride=cfg.window_stride)
         owner = self.records.user
@@ -137,7 +139,8 @@ class Emulation:
         loss.backward()
         self.model.eval()
         b1, b2 = BETA1, self.cfg.server_beta2
-        eta = server_rate * math.sqrt(1 - b2 ** (server_round + 1)) / (1 - b1 ** (server_round + 1))
+        t = self._optimizer_round(server_round)
+        eta = server_rate * math.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1))
         with torch.no_grad():
             for p, m, v, w in zip(self.params, self.m, self.v, kept, strict=True):
                 delta = -p.grad if p.grad is not None else torch.zeros_like(p)
@@ -150,6 +153,20 @@ class Emulation:
                 for a, p in zip(self.average, self.params, strict=True):
                     a.mul_(decay).add_(p, alpha=1 - decay)
         return float(loss.detach())
+
+    def _optimizer_round(self, server_round: int) -> int:
+        """FedAdam's round for bias correction; with server-restart-every, the steps since the
+        moments were zeroed, zeroing them on the first round of each period (the strategy's)."""
+        every = self.cfg.server_restart_every
+        if not every:
+            return server_round
+        if (server_round - 1) % every == 0:
+            for m, v in zip(self.m, self.v, strict=True):
+                m.zero_()
+                v.zero_()
+            self._steps = 0
+        self._steps += 1
+        return self._steps
 
 
 @contextmanager
@@ -181,6 +198,7 @@ def emulate(cfg: Config, *, progress: bool = True, clients: str = "users") -> di
     from common.task import eval_cases, item_states, load_data
     from common.train import evaluate
     from common.weights import load_trainable_state, trainable_state
+    from server.sampling import ShuffledPasses
     from server.strategy import scheduled_fraction, scheduled_rate
 
     start = time.perf_counter()
@@ -190,6 +208,9 @@ def emulate(cfg: Config, *, progress: bool = True, clients: str = "users") -> di
     run = Emulation(cfg, users, items, len(dataset.catalog), clients=clients)
     valid = eval_cases(users, "valid")
     curve, best, sizes = [], (-1.0, 0, None), []
+    passes = None  # client-sampling = random: numpy's draw afresh every round
+    if cfg.client_sampling == "shuffled":
+        passes = ShuffledPasses(lambda nodes: run.rng.permutation(nodes).tolist())
     for r in range(1, cfg.num_server_rounds + 1):
         fraction = scheduled_fraction(
             cfg.fraction_train,
@@ -198,7 +219,10 @@ def emulate(cfg: Config, *, progress: bool = True, clients: str = "users") -> di
             num_rounds=cfg.num_server_rounds,
         )
         sizes.append(max(1, int(len(run.windows) * fraction)))  # as Flower's FedAvg draws it
-        cohort = run.rng.choice(len(run.windows), sizes[-1], replace=False)
+        if passes is None:
+            cohort = run.rng.choice(len(run.windows), sizes[-1], replace=False)
+        else:
+            cohort = np.array(passes.draw(range(len(run.windows)), sizes[-1]))
         rate = scheduled_rate(
             cfg.server_learning_rate,
             schedule=cfg.server_lr_schedule,

@@ -46,13 +46,20 @@ def one_step_fedadam(tmp_path, backbone, data, **changes) -> Config:
     return world_config(tmp_path, backbone, data, **{**run, **changes})
 
 
-def test_emulated_rounds_move_the_model_as_the_federation_does(tmp_path, tiny_world):
+@pytest.mark.parametrize("restart_every", [0, 1])
+def test_emulated_rounds_move_the_model_as_the_federation_does(tmp_path, tiny_world, restart_every):
     """Two rounds: the second also checks FedAdam's moments and bias correction (at a
-    server-beta2 other than Flower's default), and the server's moving average of the global
-    model (server-ema)."""
+    server-beta2 other than Flower's default, and restarted every round with
+    server-restart-every = 1), and the server's moving average of the global model
+    (server-ema)."""
     rounds = 2
     cfg = one_step_fedadam(
-        tmp_path, *tiny_world, num_server_rounds=rounds, server_ema=0.5, server_beta2=0.9
+        tmp_path,
+        *tiny_world,
+        num_server_rounds=rounds,
+        server_ema=0.5,
+        server_beta2=0.9,
+        server_restart_every=restart_every,
     )
     run_inprocess(cfg)
     checkpoint = tmp_path / "out" / "models" / f"round-{rounds:03d}"
@@ -95,6 +102,32 @@ def test_a_growing_cohort_draws_as_many_clients_a_round_as_the_strategy(tmp_path
     )
     result = emulate(cfg, progress=False)
     assert (result["cohort"], result["client_updates"]) == ("1-24", 1 + 12 + 24)
+
+
+def test_shuffled_cohorts_go_over_every_user_once_a_pass(tmp_path, tiny_world, monkeypatch):
+    """client-sampling = shuffled: 6 of 24 users a round, rounds 1-4 and 5-8 each train all 24
+    once (fresh draws, the default, repeat some users within 4 rounds)."""
+    cohorts = []
+    step = Emulation.step
+
+    def recording(self, cohort, server_round, server_rate):
+        cohorts.append(sorted(int(u) for u in cohort))
+        return step(self, cohort, server_round, server_rate)
+
+    monkeypatch.setattr(Emulation, "step", recording)
+    for sampling in ("shuffled", "random"):
+        cfg = one_step_fedadam(
+            tmp_path,
+            *tiny_world,
+            num_server_rounds=8,
+            evaluate_every=8,
+            fraction_train=6 / NUM_USERS,
+            client_sampling=sampling,
+        )
+        emulate(cfg, progress=False)
+    shuffled, fresh = cohorts[:8], cohorts[8:]
+    assert sorted(sum(shuffled[:4], [])) == sorted(sum(shuffled[4:], [])) == list(range(24))
+    assert len(set(sum(fresh[:4], []))) < 24
 
 
 @pytest.mark.parametrize(

@@ -508,3 +508,28 @@ def test_int8_down_trains_from_int8_rows_evaluates_float16_and_adds_bfloat16_upd
     agg, _ = s.aggregate_train(1, [msg])
     for key, value in state.items():
         np.testing.assert_allclose(agg[key].numpy(), value + delta[key], rtol=0, atol=4e-3 * 0.5)
+
+
+@pytest.mark.parametrize("restart_every", [0, 2])
+def test_a_restart_zeroes_the_moments_and_begins_bias_correction_again(restart_every):
+    """Each round a client's update is +1 on w. Restarted every 2 rounds, round 3 steps
+    exactly as round 1 did (fresh moments, bias correction at step 1); without restarts the
+    accumulated moments make round 3's step another."""
+    s = make_strategy(
+        "fedadam",
+        server_learning_rate=0.1,
+        min_available_nodes=1,
+        min_train_nodes=1,
+        restart_every=restart_every,
+    )
+    s._construct_messages = lambda record, node_ids, message_type: sent(node_ids, record)
+    model, steps = arrays(w=np.zeros(3, np.float32)), []
+    for r in (1, 2, 3):
+        list(s.configure_train(r, model, ConfigRecord(), FakeGrid()))
+        w = model["w"].numpy()
+        moved, _ = s.aggregate_train(r, [update(1, 5, w=np.ones(3, np.float32))])
+        steps.append(moved["w"].numpy() - w)
+        model = moved
+    assert (np.allclose(steps[2], steps[0], rtol=1e-6), restart_every) in ((True, 2), (False, 0))
+    with pytest.raises(ValueError, match="no optimizer state to restart"):
+        make_strategy("fedavgm", server_learning_rate=0.1, restart_every=2)
