@@ -28,7 +28,7 @@ STRATEGIES = (
 )
 NORM_ACTIONS = ("clip", "reject")
 LR_SCHEDULES = ("constant", "cosine")
-CLIENT_SAMPLINGS = ("random", "shuffled")  # see server/strategy.py ShuffledPasses
+CLIENT_SAMPLINGS = ("random", "shuffled")  # see server/sampling.py
 SCHEDULED_STRATEGIES = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")  # have a server lr
 ADAPTIVE_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")  # Flower's FedOpt: moments, tau
 FAULT_KINDS = ("raise", "hang", "garbage", "scale", "sign-flip")  # see client/faults.py

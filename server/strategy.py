@@ -205,6 +205,7 @@ class ValidatedReplies:
         if restart_every and not hasattr(self, "v_t"):
             raise ValueError(f"{type(self).__name__} has no optimizer state to restart.")
         self.restart_every = restart_every
+        self._period = -1  # the restart period the optimizer's state belongs to
         self._steps = 0  # server optimizer steps since its state was last zeroed
         if fraction_train_final and central_dp is not None:
             raise ValueError("DP-FedAvg samples at a fixed rate: no cohort growth with it.")
@@ -497,11 +498,14 @@ class ValidatedReplies:
 
     def _optimizer_round(self, server_round: int) -> int:
         """The round Flower's FedOpt bias-corrects at: with restart_every, the steps since
-        its moments were zeroed, zeroing them on the first round of every period."""
+        its moments were zeroed, zeroing them at its first step in every period of the run's
+        rounds (a period whose first rounds had no usable update restarts all the same)."""
         if not self.restart_every:
             return server_round
-        if (self._round(server_round) - 1) % self.restart_every == 0:
+        period = (self._round(server_round) - 1) // self.restart_every
+        if period != self._period:
             self.m_t, self.v_t, self._steps = None, None, 0  # FedAdagrad keeps m_t too
+            self._period = period
         self._steps += 1
         return self._steps
 

@@ -533,3 +533,26 @@ def test_a_restart_zeroes_the_moments_and_begins_bias_correction_again(restart_e
     assert (np.allclose(steps[2], steps[0], rtol=1e-6), restart_every) in ((True, 2), (False, 0))
     with pytest.raises(ValueError, match="no optimizer state to restart"):
         make_strategy("fedavgm", server_learning_rate=0.1, restart_every=2)
+
+
+def test_a_period_whose_first_round_had_no_usable_update_still_restarts():
+    """Restarted every 2 rounds: round 3 (a period's first) gets no update, so round 4 is
+    the period's first step and steps exactly as round 1 did."""
+    s = make_strategy(
+        "fedadam",
+        server_learning_rate=0.1,
+        min_available_nodes=1,
+        min_train_nodes=1,
+        restart_every=2,
+    )
+    s._construct_messages = lambda record, node_ids, message_type: sent(node_ids, record)
+    model, steps = arrays(w=np.zeros(3, np.float32)), {}
+    for r in (1, 2, 3, 4):
+        list(s.configure_train(r, model, ConfigRecord(), FakeGrid()))
+        replies = [] if r == 3 else [update(1, 5, w=np.ones(3, np.float32))]
+        moved, _ = s.aggregate_train(r, replies)
+        if moved is not None:
+            steps[r] = moved["w"].numpy() - model["w"].numpy()
+            model = moved
+    assert set(steps) == {1, 2, 4}
+    np.testing.assert_allclose(steps[4], steps[1], rtol=1e-6)
