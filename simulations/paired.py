@@ -2,7 +2,7 @@
 
 Per user, test NDCG@10 (full ranking, seen items excluded, ties against the target) of:
 
-- the headline federated row (`--row`, fed-k0-text-central: the best federated row in
+- the headline federated row (`--row`, fed-k0-text-restart: the best federated row in
   quality_ml100k.json): each seed's model that the server selected on validation
   (`outputs/benchmark/<row>/seed-*/models/best`, written by `fedrec-benchmark`), scored again
   on the test split; the mean over users must equal the row in quality_ml100k.json, which
@@ -32,7 +32,7 @@ from common.config import Config
 from simulations.report import CONFIGS, RESULTS, ROOT, markdown_table
 
 PAIRED_FILE = "paired.json"
-HEADLINE = "fed-k0-text-central"
+HEADLINE = "fed-k0-text-restart"
 SEEDS = (42, 43, 44)
 RESAMPLES = 10_000
 K = 10
