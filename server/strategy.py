@@ -4,7 +4,6 @@ dropped and logged, never fatal."""
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections import OrderedDict
@@ -32,6 +31,7 @@ from common.config import CLIENT_SAMPLINGS, LR_SCHEDULES, NORM_ACTIONS
 from common.privacy import secure_numpy_rng
 from common.wire import SENT_AS, decode_update_values, encode_weights, update_shape
 from server.sampling import ShuffledPasses
+from server.schedules import RestartClock, scheduled_fraction, scheduled_rate
 
 log = logging.getLogger(__name__)
 
@@ -118,25 +118,6 @@ class CentralDP:
     expected_clients: float  # sample_rate x number of clients
 
 
-def scheduled_rate(base: float, *, schedule: str, server_round: int, num_rounds: int) -> float:
-    """The server learning rate of round `server_round` (1-based) of `num_rounds`: `base`
-    throughout ("constant"), or "cosine": base x (1 + cos(pi r / R)) / 2, down to 0 at R."""
-    if schedule == "constant":
-        return base
-    if schedule == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * min(server_round, num_rounds) / num_rounds))
-    raise ValueError(f"Unknown server learning-rate schedule {schedule!r}.")
-
-
-def scheduled_fraction(first: float, final: float, *, server_round: int, num_rounds: int) -> float:
-    """The fraction of nodes that train in round `server_round` (1-based) of `num_rounds`:
-    `first` throughout when `final` is 0, else linear from `first` (round 1) to `final`."""
-    if not final or num_rounds <= 1:
-        return first
-    progress = (min(server_round, num_rounds) - 1) / (num_rounds - 1)
-    return first + (final - first) * progress
-
-
 class ValidatedReplies:
     """Mixin for a Flower strategy: the wire format, validated replies and bounded weights.
 
@@ -204,9 +185,7 @@ class ValidatedReplies:
         self._nodes: list[int] = []  # the nodes connected when this round's cohort was drawn
         if restart_every and not hasattr(self, "v_t"):
             raise ValueError(f"{type(self).__name__} has no optimizer state to restart.")
-        self.restart_every = restart_every
-        self._period = -1  # the restart period the optimizer's state belongs to
-        self._steps = 0  # server optimizer steps since its state was last zeroed
+        self._restarts = RestartClock(restart_every) if restart_every else None
         if fraction_train_final and central_dp is not None:
             raise ValueError("DP-FedAvg samples at a fixed rate: no cohort growth with it.")
         self._first_fraction = self.fraction_train
@@ -498,16 +477,13 @@ class ValidatedReplies:
 
     def _optimizer_round(self, server_round: int) -> int:
         """The round Flower's FedOpt bias-corrects at: with restart_every, the steps since
-        its moments were zeroed, zeroing them at its first step in every period of the run's
-        rounds (a period whose first rounds had no usable update restarts all the same)."""
-        if not self.restart_every:
+        its moments were zeroed (RestartClock), zeroing them when a period begins."""
+        if self._restarts is None:
             return server_round
-        period = (self._round(server_round) - 1) // self.restart_every
-        if period != self._period:
-            self.m_t, self.v_t, self._steps = None, None, 0  # FedAdagrad keeps m_t too
-            self._period = period
-        self._steps += 1
-        return self._steps
+        restart, steps = self._restarts.step(self._round(server_round))
+        if restart:
+            self.m_t, self.v_t = None, None  # FedAdagrad keeps m_t too
+        return steps
 
     def _round(self, server_round: int) -> int:
         """The run's round number of Flower's `server_round` (the same as metrics.jsonl's)."""

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from common.config import Config
+from server.schedules import RestartClock, scheduled_fraction, scheduled_rate
 from simulations import report
 from simulations.report import CONFIGS, RESULTS
 
@@ -77,7 +78,8 @@ class Emulation:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
-        self._steps = 0  # FedAdam steps since its moments were zeroed (server-restart-every)
+        every = cfg.server_restart_every  # FedAdam's restarts, as the strategy's
+        self.restarts = RestartClock(every) if every else None
         seqs = [u.train for u in users]
         self.records = build_records(seqs, history_len=cfg.history_len, stride=cfg.window_stride)
         owner = self.records.user
@@ -156,17 +158,15 @@ class Emulation:
 
     def _optimizer_round(self, server_round: int) -> int:
         """FedAdam's round for bias correction; with server-restart-every, the steps since the
-        moments were zeroed, zeroing them on the first round of each period (the strategy's)."""
-        every = self.cfg.server_restart_every
-        if not every:
+        moments were zeroed, zeroing them when a period begins (the strategy's RestartClock)."""
+        if self.restarts is None:
             return server_round
-        if (server_round - 1) % every == 0:
+        restart, steps = self.restarts.step(server_round)
+        if restart:
             for m, v in zip(self.m, self.v, strict=True):
                 m.zero_()
                 v.zero_()
-            self._steps = 0
-        self._steps += 1
-        return self._steps
+        return steps
 
 
 @contextmanager
@@ -199,7 +199,6 @@ def emulate(cfg: Config, *, progress: bool = True, clients: str = "users") -> di
     from common.train import evaluate
     from common.weights import load_trainable_state, trainable_state
     from server.sampling import ShuffledPasses
-    from server.strategy import scheduled_fraction, scheduled_rate
 
     start = time.perf_counter()
     dataset, splits = load_data(cfg)
