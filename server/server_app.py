@@ -35,15 +35,9 @@ from common.weights import (
     trainable_state,
 )
 from server.grid import PromptGrid
+from server.replies import CLIENT_TIMES, REJECTIONS, destinations, reply_node
 from server.runlog import RunLog
-from server.strategy import (
-    CLIENT_TIMES,
-    REJECTIONS,
-    CentralDP,
-    destinations,
-    make_strategy,
-    reply_node,
-)
+from server.strategy import CentralDP, make_strategy
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,15 @@ a federated pass costs against a central epoch, measured side by side in one run
    of a round sent at once (0, Flower's own way). The same pass of the k = 1 scenario
    (simulations/configs/bench-fed-k1.toml) runs in-process.
 
+The ratios of section 3 are per pass of as many client updates as the federation has clients
+(the pass's seconds scaled by clients / client updates), so a cohort that does not divide the
+clients evenly still compares one pass with one epoch.
+
 Writes simulations/results/speed.json, speed.md and the docs/results.md block between
-<!-- results:speed --> markers.
+<!-- results:speed --> markers. With `--passes-only --federation S --central C` it measures
+section 3 alone for another federation and its model's central config (for example the
+headline row's, simulations/configs/bench-fed-text-restart.toml against
+bench-central-text.toml) and writes speed_<S's name>.json and .md beside it.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from simulations import report
 from simulations.report import CONFIGS, README, RESULTS, ROOT
 
 RESULT_FILE = "speed.json"
+FEDERATION, CENTRAL = CONFIGS / "bench-fed.toml", CONFIGS / "bench-central.toml"
 MARK_BEGIN, MARK_END = "<!-- results:speed -->", "<!-- /results:speed -->"
 BASELINE_REV = "ed20566"  # the last revision with the per-example trainer
 # that revision's central benchmark settings (its simulations/configs/bench-central*.toml)
@@ -202,8 +210,9 @@ class CpuByProcess:
 def federated_pass(
     scenario: Path, *, flower: bool, work: Path, max_in_flight: int | None = None
 ) -> dict:
-    """Rounds of the benchmark scenario that train as many clients as there are (a tenth per
-    round: ten rounds), without evaluation: their seconds and the per-client time split.
+    """Rounds of the scenario that train about as many clients as there are (1 / fraction-train
+    rounds: ten at a tenth a round), without evaluation: their seconds, the seconds of a pass
+    of exactly as many client updates as clients, and the per-client time split.
     `max_in_flight` replaces the scenario's window (None: the scenario's)."""
     spec = tomllib.loads(scenario.read_text())
     fraction = float(spec["run"]["fraction-train"])
@@ -253,6 +262,7 @@ def federated_pass(
         out_at_once = f"{window} messages" if window else "all messages"
         runtime = f"Flower simulation (SuperLink, Ray), {out_at_once} out"
     return {
+        "scenario": scenario.name,
         "runtime": runtime,
         "max_in_flight": window,
         "adapter_k": int(cfg_k),
@@ -260,6 +270,7 @@ def federated_pass(
         "rounds": len(trained),
         "clients": clients,
         "seconds": seconds,
+        "pass_seconds": seconds * int(spec["federation"]["num-supernodes"]) / clients,
         "seconds_per_client": seconds * workers / clients,
         "client_update_s_mean": mean("client_update_s_mean"),
         "client_train_s_mean": mean("client_train_s"),
@@ -268,9 +279,77 @@ def federated_pass(
     }
 
 
+def central_epoch(config: Path) -> dict:
+    print(f"== central epoch, sequence trainer, {config.name}", flush=True)
+    epoch = sequence_epoch(Config.from_toml(config))
+    print(json.dumps(epoch), flush=True)
+    return epoch
+
+
+def federated_passes(scenario: Path, *, flower: bool) -> list[dict]:
+    """The scenario's pass in-process and, with `flower`, through Flower's runtime twice: with
+    the scenario's max-in-flight window and with every message of a round out at once."""
+    runs = [(False, None), *([(True, None), (True, 0)] if flower else [])]
+    passes = []
+    with tempfile.TemporaryDirectory(prefix="fedrec-pass-") as tmp:
+        for i, (through_flower, window) in enumerate(runs):
+            where = "Flower runtime" if through_flower else "in-process"
+            where += "" if window is None else f", max-in-flight {window}"
+            print(f"== federated pass, {scenario.name}, {where}", flush=True)
+            work = Path(tmp) / str(i)
+            passes.append(
+                federated_pass(scenario, flower=through_flower, work=work, max_in_flight=window)
+            )
+            print(json.dumps(passes[-1]), flush=True)
+    return passes
+
+
+def ratios_of(passes: list[dict], central_s: float) -> dict[str, float]:
+    """A pass (as many client updates as clients) against a central epoch of `central_s`, and
+    what Flower's runtime adds: `passes` as federated_passes returns them."""
+    inprocess, *flower_passes = passes
+    k = inprocess["adapter_k"]
+    ratios = {
+        f"federated pass ({p['runtime']}) / central epoch, k = {k}": p["pass_seconds"] / central_s
+        for p in passes
+    }
+    if flower_passes:  # what Flower's runtime adds, per client update, in wall seconds
+        windowed, at_once = flower_passes
+        ratios["Flower runtime's added wall seconds per client update"] = (
+            windowed["seconds"] / windowed["clients"] - inprocess["seconds"] / inprocess["clients"]
+        )
+        ratios[f"Flower pass, {windowed['max_in_flight']} messages out / all out at once"] = (
+            windowed["pass_seconds"] / at_once["pass_seconds"]
+        )
+    return ratios
+
+
+def pass_ratios(federation: Path, central: Path, *, flower: bool) -> dict:
+    """Section 3 alone: `federation`'s pass against one epoch of `central`, side by side."""
+    epoch = central_epoch(central)
+    passes = federated_passes(federation, flower=flower)
+    return {
+        "federation": federation.name,
+        "central": central.name,
+        "epochs": [epoch],
+        "passes": passes,
+        "ratios": ratios_of(passes, epoch["seconds_per_epoch"]),
+    }
+
+
+def machine(threads: int, torch_version: str) -> str:
+    return (
+        f"{platform.machine()}, {threads} torch threads, torch {torch_version}, "
+        f"measured {time.strftime('%Y-%m-%d')}; one run, variants side by side."
+    )
+
+
 def markdown(result: dict) -> str:
     """The docs/results.md block: three small tables."""
-    lines = [
+    lines = []
+    if "federation" in result:  # --passes-only
+        lines += [f"Federation {result['federation']} against {result['central']}.", ""]
+    lines += [
         "| trainer | k | predicted interactions / s | s / epoch |",
         "| --- | --- | --- | --- |",
     ]
@@ -336,11 +415,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-baseline", action="store_true", help="only the new trainer")
     parser.add_argument("--skip-flower", action="store_true", help="no Flower-runtime pass")
+    parser.add_argument(
+        "--federation",
+        type=Path,
+        default=FEDERATION,
+        help="the federated scenario of the pass (default: simulations/configs/bench-fed.toml)",
+    )
+    parser.add_argument(
+        "--central",
+        type=Path,
+        default=CENTRAL,
+        help="its model's central config, for the epoch "
+        "(default: simulations/configs/bench-central.toml)",
+    )
+    parser.add_argument(
+        "--passes-only",
+        action="store_true",
+        help="only the federated pass against the central epoch, at k = 0 (no before / after, "
+        "no k = 1); writes speed_<federation's name>.json and .md, not speed.json",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
     args = parser.parse_args(argv)
+    if not args.passes_only and (args.federation, args.central) != (FEDERATION, CENTRAL):
+        parser.error("--federation and --central other than the defaults need --passes-only")
     import torch  # after the arguments: --help answers at once
 
     threads = torch.get_num_threads()
+    if args.passes_only:
+        result = pass_ratios(args.federation, args.central, flower=not args.skip_flower)
+        name = "speed_" + args.federation.stem.replace("-", "_") + ".json"
+        result["machine"] = machine(threads, torch.__version__)
+        report.write_results(args.results / name, result, markdown(result))
+        print(markdown(result))
+        return 0
 
     epochs = []
     if not args.skip_baseline:
@@ -350,10 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(epochs[-1]), flush=True)
     after = {}
     for name in ("bench-central", "bench-central-k1"):
-        print(f"== after: sequence trainer, {name}", flush=True)
-        after[name] = sequence_epoch(Config.from_toml(CONFIGS / f"{name}.toml"))
+        after[name] = central_epoch(CONFIGS / f"{name}.toml")
         epochs.append(after[name])
-        print(json.dumps(after[name]), flush=True)
     ratios = {
         "k = 1 / k = 0 throughput (sequence trainer)": after["bench-central-k1"]["targets_per_s"]
         / after["bench-central"]["targets_per_s"]
@@ -365,45 +470,18 @@ def main(argv: list[str] | None = None) -> int:
                 after[name]["targets_per_s"] / before["targets_per_s"]
             )
 
-    # (scenario, through Flower, window): None is the scenario's window, 0 all at once
-    runs = [("bench-fed.toml", False, None), ("bench-fed-k1.toml", False, None)]
-    if not args.skip_flower:
-        runs[1:1] = [("bench-fed.toml", True, None), ("bench-fed.toml", True, 0)]
-    passes = []
-    with tempfile.TemporaryDirectory(prefix="fedrec-pass-") as tmp:
-        for i, (scenario, flower, window) in enumerate(runs):
-            where = "Flower runtime" if flower else "in-process"
-            where += "" if window is None else f", max-in-flight {window}"
-            print(f"== federated pass, {scenario}, {where}", flush=True)
-            passes.append(
-                federated_pass(
-                    CONFIGS / scenario, flower=flower, work=Path(tmp) / str(i), max_in_flight=window
-                )
-            )
-            print(json.dumps(passes[-1]), flush=True)
-    inprocess, *flower_passes = [p for p in passes if p["adapter_k"] == 0]
-    central_s = after["bench-central"]["seconds_per_epoch"]
-    for p in (inprocess, *flower_passes):
-        ratios[f"federated pass ({p['runtime']}) / central epoch, k = 0"] = p["seconds"] / central_s
-    if flower_passes:  # what Flower's runtime adds, per client update, in wall seconds
-        windowed, at_once = flower_passes
-        ratios["Flower runtime's added wall seconds per client update"] = (
-            windowed["seconds"] - inprocess["seconds"]
-        ) / windowed["clients"]
-        ratios[f"Flower pass, {windowed['max_in_flight']} messages out / all out at once"] = (
-            windowed["seconds"] / at_once["seconds"]
-        )
-    k1 = next(p for p in passes if p["adapter_k"] == 1)
-    ratios["federated pass k = 1 / k = 0 (in-process)"] = k1["seconds"] / inprocess["seconds"]
-
+    passes = federated_passes(FEDERATION, flower=not args.skip_flower)
+    ratios.update(ratios_of(passes, after["bench-central"]["seconds_per_epoch"]))
+    (k1,) = federated_passes(CONFIGS / "bench-fed-k1.toml", flower=False)
+    passes.append(k1)
+    ratios["federated pass k = 1 / k = 0 (in-process)"] = (
+        k1["pass_seconds"] / passes[0]["pass_seconds"]
+    )
     result = {
         "epochs": epochs,
         "passes": passes,
         "ratios": ratios,
-        "machine": (
-            f"{platform.machine()}, {threads} torch threads, torch {torch.__version__}, "
-            f"measured {time.strftime('%Y-%m-%d')}; one run, variants side by side."
-        ),
+        "machine": machine(threads, torch.__version__),
     }
     report.write_results(
         args.results / RESULT_FILE,
