@@ -340,6 +340,24 @@ def test_shipped_scenarios_are_valid_for_the_app() -> None:
     assert demo.federation["num-supernodes"] == 943
 
 
+def test_the_app_bundle_is_the_code_and_its_configs() -> None:
+    """Every run ships the project as a FAB, which Flower caps at 10 MB: the result files (their
+    metrics.jsonl files alone are over the cap) stay out, the apps' code and configs go in."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.constant import FAB_MAX_SIZE
+
+    fab = build_fab_from_disk(run.PROJECT_DIR)
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert len(fab) < FAB_MAX_SIZE / 4
+    assert not [n for n in names if n.startswith(("simulations/results/", "tests/", "docs/"))]
+    for needed in ("server/server_app.py", "client/client_app.py", "common/config.py"):
+        assert needed in names
+    assert "simulations/configs/demo.toml" in names
+
+
 def test_output_dir_inside_the_project_must_be_ignored(tmp_path: Path) -> None:
     (tmp_path / ".gitignore").write_text("outputs/\n")
     outputs.check_output_dir(tmp_path / "outputs" / "demo", tmp_path)
