@@ -436,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--results", type=Path, default=RESULTS, help="where results go")
     args = parser.parse_args(argv)
-    if not args.passes_only and (args.federation, args.central) != (FEDERATION, CENTRAL):
+    chosen = (args.federation.resolve(), args.central.resolve())
+    if not args.passes_only and chosen != (FEDERATION.resolve(), CENTRAL.resolve()):
         parser.error("--federation and --central other than the defaults need --passes-only")
     import torch  # after the arguments: --help answers at once
 

@@ -42,6 +42,22 @@ def test_another_federation_needs_passes_only(tmp_path, capsys) -> None:
     assert "--passes-only" in capsys.readouterr().err
 
 
+def test_the_default_federation_named_by_its_path_needs_no_passes_only(monkeypatch) -> None:
+    """Naming the defaults (by a relative path, say) is the full benchmark, not an error."""
+
+    class Measured(Exception):
+        """Raised by the first measurement: the arguments were accepted."""
+
+    def first_measurement(*args, **kwargs):
+        raise Measured
+
+    monkeypatch.setattr(speed_bench, "baseline_epoch", first_measurement)
+    monkeypatch.chdir(speed_bench.ROOT)
+    default = speed_bench.FEDERATION.relative_to(speed_bench.ROOT)
+    with pytest.raises(Measured):
+        speed_bench.main(["--federation", str(default)])
+
+
 def test_markdown_names_the_pair_of_a_passes_only_run() -> None:
     epoch = {
         "trainer": "sequence",
