@@ -52,6 +52,14 @@ VARIANTS = {
     "hybrid": {},
     "text-only": {"item-id-embedding": False},
     "id-only": {"item-text": False},
+    # LoRA in the top MiniLM block, trained (central-k1's settings, bench-central-k1.toml):
+    # does adapting the backbone itself place new items better than adapters on its output?
+    "text-only-k1": {
+        "item-id-embedding": False,
+        "adapter-k": 1,
+        "adapter-refresh-steps": 25,
+        "adapter-rows": 256,
+    },
 }
 SCOPES = ("cold", "all")  # ranked among the cold items only / among every item
 
@@ -234,10 +242,15 @@ def variant_run(
     scores = model_scores(model, cfg, items, split)
     run.pop("curve")
     if save_to is not None:
+        from common.backbone import load_backbone
         from common.weights import save_model_dir, trainable_state
 
+        backbone = load_backbone(cfg.backbone)
         metadata = {
             "version": f"coldstart-{name}-seed{cfg.seed}",
+            "backbone": backbone.name,
+            "backbone_sha256": backbone.digest,
+            "backbone_layers": backbone.num_layers,  # names the LoRA layers for peft (k > 0)
             "catalog_sha256": split.warm.fingerprint(),
             "catalog_items": split.num_warm,
         }
@@ -344,8 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="The strict cold-item protocol on MovieLens-100K: a tenth of the items never "
         "seen in training or validation; each interaction with one ranked among the cold items "
         "and among every item. Writes simulations/results/coldstart.json and coldstart.md.",
-        epilog=f"Rows: random, popularity, {', '.join(VARIANTS)}. All three variants with three "
-        "seeds took 64 minutes on 2 CPU cores.",
+        epilog=f"Rows: random, popularity, {', '.join(VARIANTS)}. Hybrid, text-only and id-only "
+        "with three seeds took 64 minutes on 2 CPU cores.",
     )
     parser.add_argument(
         "--only", nargs="+", choices=list(VARIANTS), help="model rows to run (default: all)"
@@ -387,16 +400,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{split.num_cold} cold items of {len(split.full)}, {len(split.cases)} cold interactions",
         flush=True,
     )
-    items = item_states(base, split.full)
+    states = {0: item_states(base, split.full)}  # by adapter-k: k > 0 needs token states
     write_split(split, args.models)
     rows = reference_rows(split)
     for name in args.only or list(VARIANTS):
         cfg = base.merged(VARIANTS[name])
+        if cfg.adapter_k not in states:
+            states[cfg.adapter_k] = item_states(cfg, split.full)
         runs = [
             variant_run(
                 cfg.replace(seed=s),
                 split,
-                items,
+                states[cfg.adapter_k],
                 epochs=args.epochs,
                 patience=args.patience,
                 name=name,

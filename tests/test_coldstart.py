@@ -226,3 +226,34 @@ def test_served_cold_items_land_where_the_protocol_ranks_them(tmp_path, tiny_bac
     assert landing_ranks(post, cases).tolist() == expected
     update = history_update(post, cases[:5])
     assert update["users"] == 5 and update["added_item_recommended"] == 0
+
+
+def test_a_cold_start_model_with_lora_is_kept_as_a_servable_model_dir(tmp_path, tiny_backbone):
+    """The text-only-k1 row's models (LoRA in the top block) are saved with what peft needs to
+    name their layers, and load back into the model they were scored as."""
+    from client.recommender import LocalRecommender
+    from common.data import load_catalog
+    from common.task import build_model, item_states, load_data
+    from common.weights import load_model_dir, load_trainable_state
+    from simulations.coldstart import WARM_ITEMS, scoped, variant_run, write_split
+    from tests.test_recommender import synthetic_config
+
+    cfg = synthetic_config(tmp_path, tiny_backbone, adapter_k=1, item_id_embedding=False)
+    data, _ = load_data(cfg)
+    split = cold_split(data, fraction=0.2, seed=0)
+    items = item_states(cfg, split.full)
+    models = tmp_path / "models"
+    write_split(split, models)
+    run = variant_run(
+        cfg, split, items, epochs=1, patience=1, name="text-only-k1", save_to=models / "k1"
+    )
+    state, meta = load_model_dir(models / "k1")
+    assert meta["backbone_layers"] >= 1 and any("lora" in name for name in state)
+    model = build_model(cfg, num_items=split.num_warm)
+    load_trainable_state(model, state)
+    scores = model_scores(model, cfg, items, split)
+    assert scoped(scores, split)["cold"] == pytest.approx(run["cold"])
+    rec = LocalRecommender.load(
+        models / "k1", catalog=load_catalog(models / WARM_ITEMS), device="cpu", runtime="torch"
+    )
+    assert rec is not None
