@@ -158,6 +158,30 @@ def test_the_id_only_model_has_no_text_layers_and_needs_ids():
         tiny_setup(1, item_text=False)
 
 
+def trained_cold_model(tmp_path, tiny_backbone, name: str, *, epochs: int, **changes):
+    """A tiny model trained by the protocol on a synthetic dataset (a fifth of its items cold)
+    and kept in tmp_path/models/<name> beside the split's files: (cfg, split, items, run)."""
+    from common.task import item_states, load_data
+    from simulations.coldstart import variant_run, write_split
+    from tests.test_recommender import synthetic_config
+
+    cfg = synthetic_config(tmp_path, tiny_backbone, **changes)
+    data, _ = load_data(cfg)
+    split = cold_split(data, fraction=0.2, seed=0)
+    items = item_states(cfg, split.full)
+    write_split(split, tmp_path / "models")
+    run = variant_run(
+        cfg,
+        split,
+        items,
+        epochs=epochs,
+        patience=epochs,
+        name=name,
+        save_to=tmp_path / "models" / name,
+    )
+    return cfg, split, items, run
+
+
 def test_served_cold_items_land_where_the_protocol_ranks_them(tmp_path, tiny_backbone):
     """End to end: a model trained by the protocol is served over the warm catalog, the cold
     items are added over HTTP, and each cold interaction's served rank is its in-process rank
@@ -167,9 +191,9 @@ def test_served_cold_items_land_where_the_protocol_ranks_them(tmp_path, tiny_bac
     from client.recommender import LocalRecommender
     from client.service import create_service
     from common.data import load_catalog
-    from common.task import build_model, item_states, load_data
+    from common.task import build_model
     from common.weights import load_model_dir, load_trainable_state
-    from simulations.coldstart import CASES_FILE, COLD_ITEMS, WARM_ITEMS, variant_run, write_split
+    from simulations.coldstart import CASES_FILE, COLD_ITEMS, WARM_ITEMS
     from simulations.freshness import (
         TOP,
         add_all,
@@ -179,17 +203,9 @@ def test_served_cold_items_land_where_the_protocol_ranks_them(tmp_path, tiny_bac
         read_cases,
         read_items,
     )
-    from tests.test_recommender import synthetic_config
 
-    cfg = synthetic_config(tmp_path, tiny_backbone)
-    data, _ = load_data(cfg)
-    split = cold_split(data, fraction=0.2, seed=0)
-    items = item_states(cfg, split.full)
+    cfg, split, items, run = trained_cold_model(tmp_path, tiny_backbone, "hybrid-seed42", epochs=2)
     models = tmp_path / "models"
-    write_split(split, models)
-    run = variant_run(
-        cfg, split, items, epochs=2, patience=2, name="hybrid", save_to=models / "hybrid-seed42"
-    )
     assert set(run) >= {"cold", "all", "val_ndcg@10"}
 
     model = build_model(cfg, num_items=split.num_warm)
@@ -233,20 +249,14 @@ def test_a_cold_start_model_with_lora_is_kept_as_a_servable_model_dir(tmp_path, 
     name their layers, and load back into the model they were scored as."""
     from client.recommender import LocalRecommender
     from common.data import load_catalog
-    from common.task import build_model, item_states, load_data
+    from common.task import build_model
     from common.weights import load_model_dir, load_trainable_state
-    from simulations.coldstart import WARM_ITEMS, scoped, variant_run, write_split
-    from tests.test_recommender import synthetic_config
+    from simulations.coldstart import WARM_ITEMS, scoped
 
-    cfg = synthetic_config(tmp_path, tiny_backbone, adapter_k=1, item_id_embedding=False)
-    data, _ = load_data(cfg)
-    split = cold_split(data, fraction=0.2, seed=0)
-    items = item_states(cfg, split.full)
-    models = tmp_path / "models"
-    write_split(split, models)
-    run = variant_run(
-        cfg, split, items, epochs=1, patience=1, name="text-only-k1", save_to=models / "k1"
+    cfg, split, items, run = trained_cold_model(
+        tmp_path, tiny_backbone, "k1", epochs=1, adapter_k=1, item_id_embedding=False
     )
+    models = tmp_path / "models"
     state, meta = load_model_dir(models / "k1")
     assert meta["backbone_layers"] >= 1 and any("lora" in name for name in state)
     model = build_model(cfg, num_items=split.num_warm)
