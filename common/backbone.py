@@ -79,6 +79,17 @@ def load_backbone(backbone: str = "") -> Backbone:
     return Backbone(model=model, tokenizer=tokenizer, name=name, digest=digest)
 
 
+def backbone_identity(backbone: str = "") -> dict[str, str | int]:
+    """What a model directory records of its backbone (model metadata): its name, its digest,
+    and its layer count, which names the LoRA layers for peft."""
+    loaded = load_backbone(backbone)
+    return {
+        "backbone": loaded.name,
+        "backbone_sha256": loaded.digest,
+        "backbone_layers": loaded.num_layers,
+    }
+
+
 @functools.lru_cache(maxsize=4)
 def backbone_digest(backbone: str = "") -> str:
     """sha256 of a local backbone's files (config, weights, tokenizer; not its README): the

@@ -12,7 +12,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from common.backbone import load_backbone
+from common.backbone import backbone_identity
 from common.config import Config
 from common.metrics import peak_rss_mb
 from common.privacy import calibrated_noise, fedavg_epsilon, guarantee
@@ -73,12 +73,9 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
     else:
         catalog = load_run_catalog(cfg)
     items = item_states(cfg, catalog)
-    backbone = load_backbone(cfg.backbone)
     model = build_model(cfg, num_items=len(catalog))
     identity = {
-        "backbone": backbone.name,
-        "backbone_sha256": backbone.digest,
-        "backbone_layers": backbone.num_layers,  # names the LoRA layers for peft
+        **backbone_identity(cfg.backbone),
         "catalog_sha256": catalog.fingerprint(),
         "catalog_items": len(catalog),
         "dataset": cfg.dataset if cfg.dataset != "path" else cfg.data_path,

@@ -242,15 +242,12 @@ def variant_run(
     scores = model_scores(model, cfg, items, split)
     run.pop("curve")
     if save_to is not None:
-        from common.backbone import load_backbone
+        from common.backbone import backbone_identity
         from common.weights import save_model_dir, trainable_state
 
-        backbone = load_backbone(cfg.backbone)
         metadata = {
             "version": f"coldstart-{name}-seed{cfg.seed}",
-            "backbone": backbone.name,
-            "backbone_sha256": backbone.digest,
-            "backbone_layers": backbone.num_layers,  # names the LoRA layers for peft (k > 0)
+            **backbone_identity(cfg.backbone),  # k > 0: peft names the LoRA layers by it
             "catalog_sha256": split.warm.fingerprint(),
             "catalog_items": split.num_warm,
         }
