@@ -47,6 +47,7 @@ COLDSTART_FILE = "coldstart.json"
 WARM_ITEMS, COLD_ITEMS, CASES_FILE = "warm_items.csv", "cold_items.csv", "cold_cases.jsonl"
 K = 10
 SEEDS = (42, 43, 44)
+EPOCHS, PATIENCE = 40, 8  # a run's budget: most epochs, and epochs without a better validation
 # model rows: name -> run-config changes from bench-central.toml
 VARIANTS = {
     "hybrid": {},
@@ -315,7 +316,15 @@ def markdown(result: dict) -> str:
         ]
         for r in result["rows"]
     ]
+    budget = (
+        f"; each run at most {result['epochs']} epochs, stopped after {result['patience']} "
+        "without a better warm validation score"
+        if "epochs" in result
+        else ""
+    )
     lines = [
+        f"Dataset {result['dataset']}{budget}.",
+        "",
         f"Cold items: {result['cold_items']} of {result['items']} (split seed "
         f"{result['split_seed']}); {result['cases']} cold interactions of {result['users']} "
         "users. 'cold': ranked among the cold items only; 'all': among every item. Ties broken "
@@ -344,16 +353,23 @@ def kept_rows(path: Path, result: dict, names: set[str]) -> list[dict]:
     if not path.exists():
         return []
     old = json.loads(path.read_text())
-    same = all(old.get(key) == result[key] for key in ("fraction", "split_seed", "cases"))
+    # rows trained for another budget are not kept (files from before budgets were recorded
+    # were all trained with the defaults)
+    budget = {"epochs": EPOCHS, "patience": PATIENCE}
+    same = all(
+        old.get(key, budget.get(key)) == result[key]
+        for key in ("fraction", "split_seed", "cases", "epochs", "patience")
+    )
     return [r for r in old.get("rows", []) if same and r["name"] not in names]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedrec-coldstart",
-        description="The strict cold-item protocol on MovieLens-100K: a tenth of the items never "
-        "seen in training or validation; each interaction with one ranked among the cold items "
-        "and among every item. Writes simulations/results/coldstart.json and coldstart.md.",
+        description="The strict cold-item protocol on MovieLens-100K (or --data): a tenth of the "
+        "items never seen in training or validation; each interaction with one ranked among the "
+        "cold items and among every item. Writes simulations/results/coldstart.json and .md "
+        "(coldstart-<name>.json and .md with --data).",
         epilog=f"Rows: random, popularity, {', '.join(VARIANTS)}. Hybrid, text-only and id-only "
         "with three seeds took 64 minutes on 2 CPU cores.",
     )
@@ -365,8 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--fraction", type=float, default=0.1, help="share of cold items (0.1)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the cold items (0)")
-    parser.add_argument("--epochs", type=int, default=40, help="most epochs of a run (40)")
-    parser.add_argument("--patience", type=int, default=8, help="epochs without gain (8)")
+    parser.add_argument(
+        "--epochs", type=int, default=EPOCHS, help=f"most epochs of a run ({EPOCHS})"
+    )
+    parser.add_argument(
+        "--patience", type=int, default=PATIENCE, help=f"epochs without gain ({PATIENCE})"
+    )
     parser.add_argument(
         "--data",
         type=Path,
@@ -420,7 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name}: cold HR@10 {rows[-1]['cold']['hr@10']:.4f}", flush=True)
     result = {
         "protocol": "strict cold items",
-        "dataset": str(args.data) if args.data else "ml-100k",
+        "dataset": args.data.resolve().name if args.data else "ml-100k",
+        "epochs": args.epochs,
+        "patience": args.patience,
         "items": len(split.full),
         "cold_items": split.num_cold,
         "fraction": args.fraction,

@@ -5,6 +5,8 @@ Every number comes from a result file that a harness wrote; this module only rea
 - quality_ml100k.json and the rows' *.metrics.jsonl (`fedrec-benchmark`): quality, validation
   per round, the privacy-utility points and the bytes each federated row sent;
 - coldstart.json (`fedrec-coldstart`) and freshness.json (`fedrec-freshness`);
+- other datasets: coldstart-<name>.json (`fedrec-coldstart --data`) and the metrics.jsonl of
+  scenarios that read a dataset from a path (`fedrec-simulate`);
 - the backbone's own weights file, for the counterfactual of sending the backbone.
 
 `fedrec-report --run NAME ...` first runs those harnesses (each with its own defaults; see
@@ -197,6 +199,52 @@ def freshness_section(result: dict | None, results: Path) -> str:
     )
 
 
+def other_data_section(results: Path) -> str:
+    """Runs on datasets read from a path: the cold-item protocol (coldstart-<name>.json) and
+    federated scenarios whose [run] reads dataset = "path" (<scenario>.metrics.jsonl)."""
+    import tomllib
+
+    from simulations.coldstart import markdown
+    from simulations.report import CONFIGS
+
+    parts = []
+    for path in sorted(results.glob(COLDSTART.replace(".json", "-*.json"))):
+        cold = read_json(path)
+        parts.append(f"`fedrec-coldstart --data` ({path.name}):\n\n" + markdown(cold))
+    body = []
+    for config in sorted(CONFIGS.glob("*.toml")):
+        scenario = tomllib.loads(config.read_text())
+        name = scenario.get("scenario", {}).get("name", config.stem)
+        metrics = read_metrics(results / f"{name}.metrics.jsonl")
+        if scenario.get("run", {}).get("dataset") != "path" or not metrics:
+            continue
+        last = metrics[-1]
+        body.append(
+            [
+                f"{name} ({config.name})",
+                str(scenario["federation"]["num-supernodes"]),
+                str(last["round"]),
+                f"{metrics[0]['popularity_val_ndcg@10']:.4f}",
+                f"{last['best_val_ndcg10']:.4f} (round {last['best_round']})",
+                f"{last['test_ndcg@10']:.4f}",
+                f"{last['test_hr@10']:.4f}",
+                f"{last['bytes_per_client']:,.0f}",
+                f"{last['elapsed_s']:,.0f}",
+            ]
+        )
+    if body:
+        header = ["scenario", "clients", "rounds", "popularity val NDCG@10", "best val NDCG@10"]
+        header += ["test NDCG@10", "test HR@10", "bytes / client / round", "wall s"]
+        parts.append(
+            "Federated through Flower's simulation runtime (`fedrec-simulate`; its "
+            "metrics.jsonl copied here): one seed, the test split read once, at the round "
+            "selected on validation.\n\n" + markdown_table(header, body)
+        )
+    if not parts:
+        return "## Other data\n\nNot measured yet: `fedrec-coldstart --data PATH`."
+    return "## Other data\n\n" + "\n\n".join(parts)
+
+
 def paired_section(result: dict | None) -> str:
     if result is None:
         return "## Paired test\n\nNot measured yet: run `fedrec-paired`."
@@ -346,6 +394,7 @@ def write_report(results: Path = RESULTS) -> Path:
         privacy_section(rows),
         communication_section(rows),
         paired_section(read_json(results / PAIRED)),
+        other_data_section(results),
         gpu_line(),
     ]
     path = results / REPORT

@@ -1,5 +1,7 @@
 """The strict cold-item protocol (simulations/coldstart.py) and the id-only model it compares."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,8 @@ from simulations.coldstart import (
     case_metrics,
     cold_split,
     expected_metrics,
+    kept_rows,
+    markdown,
     model_scores,
     reference_rows,
 )
@@ -125,6 +129,34 @@ def test_a_scorer_that_knows_the_target_ranks_it_first_in_both_scopes():
         assert case_metrics(scores, split, scope)["ndcg@10"] == pytest.approx(
             np.ones(len(split.cases))
         )
+
+
+def test_rows_are_kept_only_from_a_run_of_the_same_split_and_budget(tmp_path):
+    split = {"fraction": 0.1, "split_seed": 0, "cases": 120}
+    row = {"name": "hybrid", "seeds": [42]}
+    path = tmp_path / "coldstart.json"
+
+    def kept(old: dict, new: dict) -> list[dict]:
+        path.write_text(json.dumps({**old, "rows": [row]}))
+        return kept_rows(path, new, {"text-only"})
+
+    budget = {"epochs": 12, "patience": 4}
+    assert kept({**split, **budget}, {**split, **budget}) == [row]
+    assert kept({**split, **budget}, {**split, "epochs": 40, "patience": 4}) == []
+    assert kept({**split, **budget}, {**split, **budget, "cases": 121}) == []
+    # a file from before budgets were recorded was trained with the defaults
+    assert kept(split, {**split, "epochs": 40, "patience": 8}) == [row]
+    assert kept(split, {**split, **budget}) == []
+
+
+def test_the_table_names_the_dataset_and_the_training_budget():
+    row = {"name": "random", "seeds": [], "cold": {"hr@10": 0.1, "ndcg@10": 0.05}}
+    row["all"] = row["cold"]
+    result = {"dataset": "ml-latest-small", "items": 9742, "cold_items": 974, "split_seed": 0}
+    result.update({"cases": 9783, "users": 600, "epochs": 12, "patience": 4, "rows": [row]})
+    first = markdown(result).splitlines()[0]
+    assert first.startswith("Dataset ml-latest-small; each run at most 12 epochs")
+    assert "after 4 without a better warm validation score" in first
 
 
 def test_text_scores_new_items_apart_and_the_id_only_model_cannot():
