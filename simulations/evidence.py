@@ -229,12 +229,14 @@ def other_data_section(results: Path) -> str:
                 f"{last['test_ndcg@10']:.4f}",
                 f"{last['test_hr@10']:.4f}",
                 f"{last['bytes_per_client']:,.0f}",
+                str(sum(m.get("clients_rejected", 0) for m in metrics)),
                 f"{last['elapsed_s']:,.0f}",
             ]
         )
     if body:
         header = ["scenario", "clients", "rounds", "popularity val NDCG@10", "best val NDCG@10"]
-        header += ["test NDCG@10", "test HR@10", "bytes / client / round", "wall s"]
+        header += ["test NDCG@10", "test HR@10", "bytes / client / round"]
+        header += ["updates rejected", "wall s"]
         parts.append(
             "Federated through Flower's simulation runtime (`fedrec-simulate`; its "
             "metrics.jsonl copied here): one seed, the test split read once, at the round "

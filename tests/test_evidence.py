@@ -72,13 +72,13 @@ def test_runs_on_other_data_get_a_section_from_their_result_files(tmp_path: Path
     (tmp_path / "coldstart-ml-latest-small.json").write_text(json.dumps(cold))
     final = {"round": 1000, "best_round": 900, "best_val_ndcg10": 0.05, "test_ndcg@10": 0.04}
     final.update({"test_hr@10": 0.08, "bytes_per_client": 722176.0, "elapsed_s": 1234.5})
-    lines = [{"round": 0, "popularity_val_ndcg@10": 0.02}, final]
+    lines = [{"round": 0, "popularity_val_ndcg@10": 0.02}, {"clients_rejected": 2}, final]
     (tmp_path / "ml-latest-small.metrics.jsonl").write_text("\n".join(map(json.dumps, lines)))
     text = evidence.other_data_section(tmp_path)
     assert "(coldstart-ml-latest-small.json):\n\nDataset ml-latest-small." in text
     # the scenario that reads its data from a path: simulations/configs/ml-latest-small.toml
     expected = "| ml-latest-small (ml-latest-small.toml) | 610 | 1000 | 0.0200 | 0.0500 (round 900)"
-    assert expected + " | 0.0400 | 0.0800 | 722,176 | 1,234 |" in text
+    assert expected + " | 0.0400 | 0.0800 | 722,176 | 2 | 1,234 |" in text
 
 
 def test_the_backbone_counterfactual_counts_the_bundled_weights() -> None:

@@ -333,7 +333,8 @@ def test_parse_config_string_rejects_garbage() -> None:
 
 def test_shipped_scenarios_are_valid_for_the_app() -> None:
     configs = run.PROJECT_DIR / "simulations" / "configs"
-    for path in [configs / "demo.toml", *sorted(configs.glob("bench-fed*.toml"))]:
+    others = [configs / "demo.toml", configs / "ml-latest-small.toml"]
+    for path in [*others, *sorted(configs.glob("bench-fed*.toml"))]:
         run.check_app_config(run.PROJECT_DIR, run.load_scenario(path).run)
     demo = run.load_scenario(run.PROJECT_DIR / "simulations" / "configs" / "demo.toml")
     assert demo.run["partition"] == "user" and demo.run["dp-mode"] == "fedavg"
