@@ -95,7 +95,14 @@ class ValidatedReplies:
     what FedAvg / FedAvgM / FedAdam ... receive, as if from one client: the server optimizer
     only post-processes the private release. Sampling and noise draw from the operating
     system's entropy, not from the run seed.
+
+    Strategies that average (`averages`: FedAvg and the server optimizers over its mean) get
+    the round's weighted mean as one reply of the total weight, computed here from the decoded
+    updates: Flower's mean of the separate replies is the same, but it re-reads every reply's
+    weights from their serialized arrays. The robust strategies get every reply.
     """
+
+    averages = False  # the strategy underneath reads only the weighted mean of the replies
 
     def __init__(
         self,
@@ -295,7 +302,6 @@ class ValidatedReplies:
             weights = [self._noised_mean(accepted, stats)] if accepted else []
         else:
             weights = self._bounded(accepted, stats, server_round, sent)
-            stats.clients_train = len(weights)
         if not weights:
             log.warning(
                 "Round %d: no usable update; the global model is unchanged.",
@@ -330,14 +336,15 @@ class ValidatedReplies:
         server_round: int,
         sent: dict[str, int],
     ) -> list[Message]:
-        """The replies as weights for the strategy underneath, each update's norm bounded
-        relative to the round's median and each client's weight capped."""
+        """The replies as weights for the strategy underneath (their weighted mean alone when
+        it `averages`), each update's norm bounded relative to the round's median and each
+        client's weight capped."""
         updates = [update for _, update in accepted]
         norms = [update_norm(u) for u in updates]
         bound = float("inf")
         if self.update_norm_limit > 0 and len(norms) >= 3:
             bound = self.update_norm_limit * float(np.median(norms))
-        kept = []
+        kept: list[tuple[Message, dict[str, np.ndarray]]] = []
         for (msg, update), norm in zip(accepted, norms, strict=True):
             if norm > bound:
                 node = reply_node(msg, sent)
@@ -354,8 +361,11 @@ class ValidatedReplies:
                     bound,
                 )
                 update = {k: v * np.float32(bound / norm) for k, v in update.items()}
-            kept.append(self._as_weights(msg, update))
-        return kept
+            kept.append((msg, update))
+        stats.clients_train = len(kept)
+        if self.averages and kept:  # Flower's weighted mean of one reply is that reply
+            return [self._weighted_mean(kept)]
+        return [self._as_weights(msg, update) for msg, update in kept]
 
     def _reject(self, stats: RoundStats, server_round: int, node: int, kind: str, why: str):
         stats.clients_rejected += 1
@@ -364,31 +374,44 @@ class ValidatedReplies:
             "Round %d: rejected the update of node %d: %s", self._round(server_round), node, why
         )
 
-    def _as_weights(self, msg: Message, update: dict[str, np.ndarray]) -> Message:
-        """The reply as the strategy underneath reads it: global weights + update in float32
-        under "arrays", and "metrics" holding the bounded weight and the training loss (the
-        same keys for every reply, whatever names and extra values the client sent)."""
+    def _weight_and_loss(self, msg: Message) -> tuple[float, float]:
+        """A reply's bounded aggregation weight and its training loss (NaN if unusable)."""
         metrics = next(iter(msg.content.metric_records.values()))
         claimed = float(metrics[NUM_EXAMPLES])
         bounded = (
             1.0 if self.client_weighting == "uniform" else min(claimed, self.max_client_weight)
         )
         loss = metrics.get(TRAIN_LOSS)
+        usable = isinstance(loss, int | float) and np.isfinite(loss)
+        return bounded, float(loss) if usable else float("nan")
+
+    def _with_weights(
+        self, msg: Message, update: dict[str, np.ndarray], weight: float, loss: float
+    ) -> Message:
+        """`msg` as the strategy underneath reads a reply: global weights + `update` in float32
+        under "arrays", and "metrics" holding `weight` and `loss` (the same keys for every
+        reply, whatever names and extra values the client sent)."""
         weights = OrderedDict((k, torch.from_numpy(self._global[k] + v)) for k, v in update.items())
-        msg.content = RecordDict(
-            {
-                "arrays": ArrayRecord(weights),
-                "metrics": MetricRecord(
-                    {
-                        NUM_EXAMPLES: bounded,
-                        TRAIN_LOSS: float(loss)
-                        if isinstance(loss, int | float) and np.isfinite(loss)
-                        else float("nan"),
-                    }
-                ),
-            }
-        )
+        metrics = MetricRecord({NUM_EXAMPLES: weight, TRAIN_LOSS: loss})
+        msg.content = RecordDict({"arrays": ArrayRecord(weights), "metrics": metrics})
         return msg
+
+    def _as_weights(self, msg: Message, update: dict[str, np.ndarray]) -> Message:
+        """One reply for the strategy underneath, with its bounded weight and its loss."""
+        return self._with_weights(msg, update, *self._weight_and_loss(msg))
+
+    def _weighted_mean(self, kept: list[tuple[Message, dict[str, np.ndarray]]]) -> Message:
+        """The replies' weighted mean as one reply, for strategies that average (`averages`):
+        what Flower's weighted mean of the separate replies computes, the training loss
+        included, without encoding every reply's weights and decoding them again."""
+        weights, losses = zip(*(self._weight_and_loss(msg) for msg, _ in kept), strict=True)
+        shares = np.asarray(weights) / sum(weights)
+        mean = {
+            k: sum(np.float32(s) * update[k] for s, (_, update) in zip(shares, kept, strict=True))
+            for k in self._global
+        }
+        loss = float(np.dot(shares, losses))
+        return self._with_weights(kept[0][0], mean, float(sum(weights)), loss)
 
     def _noised_mean(
         self, accepted: list[tuple[Message, dict[str, np.ndarray]]], stats: RoundStats
@@ -499,21 +522,31 @@ class ValidatedReplies:
 class FedRecAvg(ValidatedReplies, FedAvg):
     """FedAvg (McMahan et al. 2017) with the wire format, validated replies, bounded weights."""
 
+    averages = True
+
 
 class FedRecAvgM(ValidatedReplies, FedAvgM):
     """FedAvg with server momentum (Hsu et al. 2019)."""
+
+    averages = True
 
 
 class FedRecAdam(ValidatedReplies, FedAdam):
     """FedAdam (server-side Adam on the averaged update, Reddi et al. 2021)."""
 
+    averages = True
+
 
 class FedRecYogi(ValidatedReplies, FedYogi):
     """FedYogi (Reddi et al. 2021)."""
 
+    averages = True
+
 
 class FedRecAdagrad(ValidatedReplies, FedAdagrad):
     """FedAdagrad (Reddi et al. 2021)."""
+
+    averages = True
 
 
 class FedRecMedian(ValidatedReplies, FedMedian):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from simulations import speed_bench
@@ -77,3 +79,15 @@ def test_markdown_names_the_pair_of_a_passes_only_run() -> None:
     text = speed_bench.markdown(result)
     assert text.startswith("Federation bench-fed-text-restart.toml against bench-central-text")
     assert "| federated pass (in-process) / central epoch, k = 0 | 2.50 |" in text
+
+
+def test_the_aggregation_bench_times_both_ways_on_the_scenarios_model(tmp_path) -> None:
+    from simulations import aggregation_bench
+
+    aggregation_bench.main(["--rounds", "3", "--results", str(tmp_path)])
+    result = json.loads((tmp_path / aggregation_bench.RESULT_FILE).read_text())
+    assert result["clients_per_round"] == 5 and result["strategy"] == "fedadam"
+    assert result["parameters"] == 178_304  # the headline model
+    assert result["mean_of_replies_s"] > 0 and result["flowers_mean_s"] > 0
+    table = (tmp_path / "aggregation.md").read_text()
+    assert "| every reply to Flower's mean |" in table and "Ratio (one reply" in table

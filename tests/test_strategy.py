@@ -207,6 +207,42 @@ def test_a_schedule_needs_a_server_learning_rate():
         make_strategy("fedmedian", server_learning_rate=1.0, lr_schedule="cosine")
 
 
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_averaging_strategies_get_the_mean_flower_takes_of_the_separate_replies(name):
+    rng = np.random.default_rng(0)
+    start = {"w": rng.normal(size=(4, 3)), "b": rng.normal(size=3)}
+    model = arrays(**{k: v.astype(np.float32) for k, v in start.items()})
+    rounds = [
+        [(node, int(rng.integers(1, 300)), float(rng.uniform(1, 9))) for node in (1, 2, 3)]
+        for _ in range(2)
+    ]
+    updates = [
+        [{k: rng.normal(size=v.shape) * 0.01 for k, v in start.items()} for _ in r] for r in rounds
+    ]
+    results = {}
+    for averages in (True, False):  # False: every reply handed to Flower's own mean
+        s = make_strategy(name, server_learning_rate=0.1, min_available_nodes=1, min_train_nodes=1)
+        assert s.averages
+        s.averages = averages
+        s.max_client_weight = 100.0  # one claim above the cap, most below
+        current, history = model, []
+        for server_round, (cohort, deltas) in enumerate(zip(rounds, updates, strict=True), 1):
+            s._construct_messages = lambda record, node_ids, message_type: sent(node_ids, record)
+            s.configure_train(server_round, current, ConfigRecord(), FakeGrid())
+            replies = []
+            for (node, n, loss), delta in zip(cohort, deltas, strict=True):
+                msg = update(node, n, **{k: v.astype(np.float32) for k, v in delta.items()})
+                next(iter(msg.content.metric_records.values()))["train-loss"] = loss
+                replies.append(msg)
+            current, metrics = s.aggregate_train(server_round, replies)
+            history.append(({k: a.numpy() for k, a in current.items()}, metrics["train-loss"]))
+        results[averages] = history
+    for (mine, my_loss), (flowers, flowers_loss) in zip(*results.values(), strict=True):
+        for key in mine:
+            np.testing.assert_allclose(mine[key], flowers[key], rtol=1e-5, atol=1e-6)
+        assert my_loss == pytest.approx(flowers_loss, rel=1e-9)
+
+
 def test_claimed_example_counts_buy_at_most_the_cap():
     s = FedRecAvg(min_available_nodes=1, min_train_nodes=1, max_client_weight=20.0)
     configure(s, arrays(w=np.zeros(2, np.float32)))
