@@ -37,7 +37,7 @@ from common.weights import (
 from server.grid import PromptGrid
 from server.replies import CLIENT_TIMES, REJECTIONS, destinations, reply_node
 from server.runlog import RunLog
-from server.strategy import CentralDP, make_strategy
+from server.strategy import CentralDP, ValidatedReplies, make_strategy
 
 log = logging.getLogger(__name__)
 
@@ -102,39 +102,11 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
     if not cfg.min_nodes:
         check_simulated_nodes(grid, cfg, expected=nodes)
     central_dp = central_dp_of(cfg, nodes) if cfg.dp_mode == "fedavg" else None
-    fraction_train = 1.0 if central_dp else cfg.fraction_train  # DP: Poisson-sampled below
     # Flower's strategies draw each round's cohort with Python's `random`: seeded from the
     # run (and the rounds already done), a run is repeatable. DP-FedAvg's Poisson sampling
     # does not use it (OS entropy, server/strategy.py).
     random.seed(cfg.seed * 1_000_003 + done)
-    strategy = make_strategy(
-        cfg.strategy,
-        server_learning_rate=cfg.server_learning_rate,
-        fraction_train=fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=max(1, int(nodes * fraction_train)),
-        min_evaluate_nodes=max(1, int(nodes * cfg.fraction_evaluate)),
-        min_available_nodes=nodes,
-        evaluate_every=cfg.evaluate_every,
-        num_rounds=remaining,
-        message_ttl_s=cfg.round_timeout_s,
-        server_momentum=cfg.server_momentum,
-        server_tau=cfg.server_tau,
-        server_beta2=cfg.server_beta2,
-        wire_dtype=cfg.wire_dtype,
-        client_weighting=cfg.client_weighting,
-        max_client_weight=cfg.max_client_weight,
-        update_norm_limit=cfg.update_norm_limit,
-        update_norm_action=cfg.update_norm_action,
-        trimmed_beta=cfg.trimmed_beta,
-        num_malicious_nodes=cfg.num_malicious_nodes,
-        central_dp=central_dp,
-        round_offset=done,
-        lr_schedule=cfg.server_lr_schedule,
-        fraction_train_final=cfg.fraction_train_final,
-        client_sampling=cfg.client_sampling,
-        restart_every=cfg.server_restart_every,
-    )
+    strategy = strategy_of(cfg, nodes=nodes, central_dp=central_dp, done=done)
 
     # 5. After each round: central evaluation (simulation), checkpoint, metrics row
     book = RoundBook(
@@ -179,6 +151,41 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
     if cfg.push_model:
         push = push_model(grid, to_arrays(state), metadata, cfg.round_timeout_s)
         runlog.append_push({"round": cfg.num_server_rounds, **push})
+
+
+def strategy_of(
+    cfg: Config, *, nodes: int, central_dp: CentralDP | None = None, done: int = 0
+) -> ValidatedReplies:
+    """The run's strategy over `nodes` connected nodes, `done` rounds already run."""
+    fraction_train = 1.0 if central_dp else cfg.fraction_train  # DP: Poisson-sampled
+    return make_strategy(
+        cfg.strategy,
+        server_learning_rate=cfg.server_learning_rate,
+        fraction_train=fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=max(1, int(nodes * fraction_train)),
+        min_evaluate_nodes=max(1, int(nodes * cfg.fraction_evaluate)),
+        min_available_nodes=nodes,
+        evaluate_every=cfg.evaluate_every,
+        num_rounds=cfg.num_server_rounds - done,
+        message_ttl_s=cfg.round_timeout_s,
+        server_momentum=cfg.server_momentum,
+        server_tau=cfg.server_tau,
+        server_beta2=cfg.server_beta2,
+        wire_dtype=cfg.wire_dtype,
+        client_weighting=cfg.client_weighting,
+        max_client_weight=cfg.max_client_weight,
+        update_norm_limit=cfg.update_norm_limit,
+        update_norm_action=cfg.update_norm_action,
+        trimmed_beta=cfg.trimmed_beta,
+        num_malicious_nodes=cfg.num_malicious_nodes,
+        central_dp=central_dp,
+        round_offset=done,
+        lr_schedule=cfg.server_lr_schedule,
+        fraction_train_final=cfg.fraction_train_final,
+        client_sampling=cfg.client_sampling,
+        restart_every=cfg.server_restart_every,
+    )
 
 
 def check_simulated_nodes(

@@ -68,7 +68,7 @@ def round_seconds(scenario: Path, *, rounds: int, seed: int = 0) -> dict:
     from common.config import Config
     from common.task import build_model
     from common.weights import trainable_state
-    from server.strategy import make_strategy
+    from server.server_app import strategy_of
 
     cfg = Config().merged(tomllib.loads(scenario.read_text())["run"])
     state = {
@@ -83,20 +83,8 @@ def round_seconds(scenario: Path, *, rounds: int, seed: int = 0) -> dict:
     seconds: dict[bool, list[float]] = {True: [], False: []}
     strategies = {}
     for averages in seconds:
-        strategies[averages] = make_strategy(
-            cfg.strategy,
-            server_learning_rate=cfg.server_learning_rate,
-            fraction_train=1.0,  # the grid below holds the cohort alone
-            min_train_nodes=cohort,
-            min_available_nodes=cohort,
-            server_tau=cfg.server_tau,
-            server_beta2=cfg.server_beta2,
-            wire_dtype=cfg.wire_dtype,
-            client_weighting=cfg.client_weighting,
-            max_client_weight=cfg.max_client_weight,
-            update_norm_limit=cfg.update_norm_limit,
-            restart_every=cfg.server_restart_every,
-        )
+        # as the ServerApp builds it, over a federation of the cohort alone (all sampled)
+        strategies[averages] = strategy_of(cfg.replace(fraction_train=1.0), nodes=cohort)
         strategies[averages].averages = averages
         strategies[averages]._construct_messages = lambda record, node_ids, kind: [
             SimpleNamespace(
