@@ -61,6 +61,9 @@ VARIANTS = {
         "adapter-refresh-steps": 25,
         "adapter-rows": 256,
     },
+    # text-only with twice the dropout in the trainable layers: does a more regularized map
+    # from text to item vectors place unseen items better?
+    "text-only-dropout-0.4": {"item-id-embedding": False, "dropout": 0.4},
 }
 SCOPES = ("cold", "all")  # ranked among the cold items only / among every item
 
