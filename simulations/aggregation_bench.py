@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-import tomllib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -66,16 +65,20 @@ def round_seconds(scenario: Path, *, rounds: int, seed: int = 0) -> dict:
     from flwr.app import ArrayRecord, ConfigRecord
 
     from common.config import Config
-    from common.task import build_model
+    from common.task import build_model, load_data
     from common.weights import trainable_state
     from server.server_app import strategy_of
+    from simulations.run import load_scenario
 
-    cfg = Config().merged(tomllib.loads(scenario.read_text())["run"])
+    spec = load_scenario(scenario)
+    cfg = Config().merged(spec.run)
+    dataset, _ = load_data(cfg)  # the scenario's catalog sizes the model's id rows, if any
     state = {
         k: v.astype(np.float32)
-        for k, v in trainable_state(build_model(cfg, num_items=1682)).items()
+        for k, v in trainable_state(build_model(cfg, num_items=len(dataset.catalog))).items()
     }
-    cohort = max(int(round(cfg.fraction_train * 943)), 1)
+    # Flower's cohort over the scenario's federation, as strategy_of sizes it
+    cohort = max(1, int(spec.federation["num-supernodes"] * cfg.fraction_train))
     nodes = list(range(1, cohort + 1))
     model = ArrayRecord(OrderedDict((k, torch.from_numpy(v)) for k, v in state.items()))
     grid = SimpleNamespace(get_node_ids=lambda: nodes)

@@ -202,10 +202,9 @@ def freshness_section(result: dict | None, results: Path) -> str:
 def other_data_section(results: Path) -> str:
     """Runs on datasets read from a path: the cold-item protocol (coldstart-<name>.json) and
     federated scenarios whose [run] reads dataset = "path" (<scenario>.metrics.jsonl)."""
-    import tomllib
-
     from simulations.coldstart import markdown
     from simulations.report import CONFIGS
+    from simulations.run import ScenarioError, load_scenario
 
     parts = []
     for path in sorted(results.glob(COLDSTART.replace(".json", "-*.json"))):
@@ -213,16 +212,18 @@ def other_data_section(results: Path) -> str:
         parts.append(f"`fedrec-coldstart --data` ({path.name}):\n\n" + markdown(cold))
     body = []
     for config in sorted(CONFIGS.glob("*.toml")):
-        scenario = tomllib.loads(config.read_text())
-        name = scenario.get("scenario", {}).get("name", config.stem)
-        metrics = read_metrics(results / f"{name}.metrics.jsonl")
-        if scenario.get("run", {}).get("dataset") != "path" or not metrics:
+        try:
+            scenario = load_scenario(config)
+        except ScenarioError:  # the ablation and emulation files hold variants, not scenarios
+            continue
+        metrics = read_metrics(results / f"{scenario.name}.metrics.jsonl")
+        if scenario.run.get("dataset") != "path" or not metrics:
             continue
         last = metrics[-1]
         body.append(
             [
-                f"{name} ({config.name})",
-                str(scenario["federation"]["num-supernodes"]),
+                f"{scenario.name} ({config.name})",
+                str(scenario.federation["num-supernodes"]),
                 str(last["round"]),
                 f"{metrics[0]['popularity_val_ndcg@10']:.4f}",
                 f"{last['best_val_ndcg10']:.4f} (round {last['best_round']})",
