@@ -109,7 +109,7 @@ def test_without_ties_the_expected_metrics_are_the_projects_ranking_metrics():
 
 def test_random_ranking_among_the_cold_items_scores_the_chance_of_a_uniform_order():
     split = cold_split(dataset(), fraction=0.5, seed=1)  # 12 cold items: some cases beyond k
-    random, popularity = reference_rows(split)
+    random, popularity, _ = reference_rows(split)
     # chance: k / candidates, where a case's candidates are the cold items it has not met
     chance = [
         min(10, n) / n
@@ -118,6 +118,23 @@ def test_random_ranking_among_the_cold_items_scores_the_chance_of_a_uniform_orde
     assert random["cold"]["hr@10"] == pytest.approx(np.mean(chance))
     # popularity has no count for any cold item: among them it is random
     assert popularity["cold"] == pytest.approx(random["cold"])
+
+
+def test_the_popularity_oracle_ranks_by_the_cold_cases_counts_leaving_the_case_out():
+    split = cold_split(dataset(num_users=12), fraction=0.5, seed=1)
+    *_, oracle = reference_rows(split)
+    assert oracle["name"] == "popularity-oracle"
+    # by hand: a warm item's training count, a cold item's case count with the case's own left
+    # out, ranked with the ties split
+    targets = [c.target for c in split.cases]
+    train = np.concatenate([u.train for u in split.users]).tolist()
+    scores = np.zeros((len(split.cases), len(split.full)))
+    for i, case in enumerate(split.cases):
+        for j in range(len(split.full)):
+            scores[i, j] = train.count(j) + targets.count(j) - (j == case.target)
+    for scope in ("cold", "all"):
+        want = case_metrics(scores, split, scope)
+        assert oracle[scope] == pytest.approx({m: v.mean() for m, v in want.items()})
 
 
 def test_a_scorer_that_knows_the_target_ranks_it_first_in_both_scopes():
@@ -174,7 +191,7 @@ def test_text_scores_new_items_apart_and_the_id_only_model_cannot():
         cold = scores[:, split.num_warm :]
         assert (np.ptp(cold, axis=1) > 0).all() == distinct
         if not distinct:
-            random, _ = reference_rows(split)
+            random, _, _ = reference_rows(split)
             assert case_metrics(scores, split, "cold")["hr@10"].mean() == pytest.approx(
                 random["cold"]["hr@10"]
             )
@@ -299,3 +316,26 @@ def test_a_cold_start_model_with_lora_is_kept_as_a_servable_model_dir(tmp_path, 
         models / "k1", catalog=load_catalog(models / WARM_ITEMS), device="cpu", runtime="torch"
     )
     assert rec is not None
+
+
+def test_an_ensemble_row_ranks_by_its_members_standardized_scores_averaged(tmp_path, tiny_backbone):
+    """ensemble_run trains each member as variant_run does (same seed, same result) and scores
+    the cases by the mean of their per-case standardized scores."""
+    from simulations.coldstart import ensemble_run, scoped, standardized, trained
+
+    cfg, split, items, run = trained_cold_model(
+        tmp_path, tiny_backbone, "text", epochs=2, item_id_embedding=False
+    )
+    members = {"text": cfg, "hybrid": cfg.replace(item_id_embedding=True)}
+    got = ensemble_run(members, split, {cfg.adapter_k: items}, epochs=2, patience=2, name="ens")
+    assert got["members"]["text"]["val_ndcg@10"] == pytest.approx(run["val_ndcg@10"])
+    scores = []
+    for member in members.values():
+        model, _ = trained(member, split, items, epochs=2, patience=2, name="again")
+        scores.append(model_scores(model, member, items, split))
+    for s in scores:  # standardized: mean 0 and standard deviation 1 in every case
+        assert np.allclose(standardized(s).mean(axis=1), 0.0)
+        assert np.allclose(standardized(s).std(axis=1), 1.0)
+    want = scoped((standardized(scores[0]) + standardized(scores[1])) / 2, split)
+    for scope in ("cold", "all"):
+        assert got[scope] == pytest.approx(want[scope])
