@@ -453,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(coldstart-<name>.json and .md with --data).",
         epilog=f"Rows: {', '.join(REFERENCES)}, {', '.join(ROWS)}. Hybrid, text-only and "
         "id-only with three seeds took 64 minutes on 2 CPU cores, the other single-model rows 11 "
-        "to 14 minutes each; hybrid+text-only, a hybrid and a text-only model a seed, 24 minutes.",
+        "to 14 minutes each; hybrid+text-only, a hybrid and a text-only model a seed, 28 minutes.",
     )
     parser.add_argument(
         "--only", nargs="+", choices=list(ROWS), help="model rows to run (default: all)"

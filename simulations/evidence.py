@@ -42,7 +42,7 @@ HARNESSES = {
         "the quality rows, three seeds each: several hours (the rows in quality_ml100k.json "
         "took 3.1 hours of wall time one after another; --rows picks rows by name)",
     ),
-    "coldstart": (["fedrec-coldstart"], "seven model rows, three seeds: about 125 minutes here"),
+    "coldstart": (["fedrec-coldstart"], "seven model rows, three seeds: about 130 minutes here"),
     "freshness": (["fedrec-freshness"], "serves the hybrid cold-start model: 1 minute here"),
     "paired": (["fedrec-paired"], "one seed of the id-only baseline took 14 minutes here"),
     "local": (["fedrec-local"], "943 users alone, three seeds: 22 minutes here"),
