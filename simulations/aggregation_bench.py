@@ -24,13 +24,33 @@ SCENARIO = CONFIGS / "bench-fed-text-restart.toml"
 RESULT_FILE = "aggregation.json"
 
 
+def train_reply(node: int, content=None, *, src: int | None = None, error=None):
+    """node's reply to the training message sent to it (from `src`: the SuperLink's errors)."""
+    from flwr.app import Metadata
+    from flwr.app.message import make_message
+
+    meta = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node if src is None else src,
+        dst_node_id=0,
+        reply_to_message_id=f"q{node}",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
+    if error is not None:
+        return make_message(metadata=meta, error=error)
+    return make_message(metadata=meta, content=content)
+
+
 def replies_for(
     state: dict[str, np.ndarray], nodes: list[int], rng: np.random.Generator, wire_dtype: str
 ):
     """One training reply per node, as a client sends it: a random update in the wire dtype,
     20 examples."""
-    from flwr.app import Metadata, MetricRecord, RecordDict
-    from flwr.app.message import make_message
+    from flwr.app import MetricRecord, RecordDict
 
     from common.wire import encode_update
 
@@ -40,20 +60,8 @@ def replies_for(
             k: v + rng.normal(size=v.shape).astype(np.float32) * 1e-3 for k, v in state.items()
         }
         update = encode_update(trained, state, wire_dtype)
-        meta = Metadata(
-            run_id=1,
-            message_id=f"m{node}",
-            src_node_id=node,
-            dst_node_id=0,
-            reply_to_message_id=f"q{node}",
-            group_id="1",
-            created_at=time.time(),
-            ttl=60.0,
-            message_type="train",
-        )
         metrics = MetricRecord({"num-examples": 20, "declined": 0, "train-loss": 7.0})
-        content = RecordDict({"arrays": update, "metrics": metrics})
-        out.append(make_message(metadata=meta, content=content))
+        out.append(train_reply(node, RecordDict({"arrays": update, "metrics": metrics})))
     return out
 
 

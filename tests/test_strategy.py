@@ -1,15 +1,13 @@
 """The server keeps going when a client sends a bad update or declines: rejected and logged."""
 
 import logging
-import time
 from collections import OrderedDict
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Metadata, MetricRecord, RecordDict
-from flwr.app.message import make_message
+from flwr.app import ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
 
 from server.strategy import (
     CentralDP,
@@ -19,28 +17,11 @@ from server.strategy import (
     scheduled_fraction,
     scheduled_rate,
 )
+from simulations.aggregation_bench import train_reply as reply
 
 
 def arrays(**tensors) -> ArrayRecord:
     return ArrayRecord(OrderedDict((k, torch.as_tensor(v)) for k, v in tensors.items()))
-
-
-def reply(node: int, content: RecordDict | None = None, *, src: int | None = None, error=None):
-    """node's reply to the training message sent to it (from `src`: the SuperLink's errors)."""
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m{node}",
-        src_node_id=node if src is None else src,
-        dst_node_id=0,
-        reply_to_message_id=f"q{node}",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    if error is not None:
-        return make_message(metadata=meta, error=error)
-    return make_message(metadata=meta, content=content)
 
 
 def update(node: int, n: int, **tensors):
