@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from common.flower.processes import FlowerProcess, free_port
-from simulations.coldstart import CASES_FILE, COLD_ITEMS, COLDSTART_FILE, WARM_ITEMS
+from simulations.cold_protocol import CASES_FILE, COLD_ITEMS, WARM_ITEMS
+from simulations.coldstart import COLDSTART_FILE
 from simulations.report import RESULTS, markdown_table
 
 RESULT_FILE = "freshness.json"

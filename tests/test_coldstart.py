@@ -1,4 +1,5 @@
-"""The strict cold-item protocol (simulations/coldstart.py) and the id-only model it compares."""
+"""The strict cold-item protocol (simulations/cold_protocol.py, run by simulations/coldstart.py)
+and the id-only model it compares."""
 
 import json
 
@@ -9,15 +10,14 @@ import torch
 from common.backbone import ItemStates
 from common.data import Catalog, Dataset, Interactions
 from common.metrics import rank_of_target, ranking_metrics
-from simulations.coldstart import (
+from simulations.cold_protocol import (
     case_metrics,
     cold_split,
     expected_metrics,
-    kept_rows,
-    markdown,
     model_scores,
     reference_rows,
 )
+from simulations.coldstart import kept_rows, markdown
 from tests.tiny import HIDDEN, NUM_ITEMS, tiny_setup
 
 
@@ -211,7 +211,8 @@ def trained_cold_model(tmp_path, tiny_backbone, name: str, *, epochs: int, **cha
     """A tiny model trained by the protocol on a synthetic dataset (a fifth of its items cold)
     and kept in tmp_path/models/<name> beside the split's files: (cfg, split, items, run)."""
     from common.task import item_states, load_data
-    from simulations.coldstart import variant_run, write_split
+    from simulations.cold_protocol import write_split
+    from simulations.coldstart import variant_run
     from tests.test_recommender import synthetic_config
 
     cfg = synthetic_config(tmp_path, tiny_backbone, **changes)
@@ -242,7 +243,7 @@ def test_served_cold_items_land_where_the_protocol_ranks_them(tmp_path, tiny_bac
     from common.data import load_catalog
     from common.task import build_model
     from common.weights import load_model_dir, load_trainable_state
-    from simulations.coldstart import CASES_FILE, COLD_ITEMS, WARM_ITEMS
+    from simulations.cold_protocol import CASES_FILE, COLD_ITEMS, WARM_ITEMS
     from simulations.freshness import (
         TOP,
         add_all,
@@ -300,7 +301,7 @@ def test_a_cold_start_model_with_lora_is_kept_as_a_servable_model_dir(tmp_path, 
     from common.data import load_catalog
     from common.task import build_model
     from common.weights import load_model_dir, load_trainable_state
-    from simulations.coldstart import WARM_ITEMS, scoped
+    from simulations.cold_protocol import WARM_ITEMS, scoped
 
     cfg, split, items, run = trained_cold_model(
         tmp_path, tiny_backbone, "k1", epochs=1, adapter_k=1, item_id_embedding=False
@@ -321,7 +322,8 @@ def test_a_cold_start_model_with_lora_is_kept_as_a_servable_model_dir(tmp_path, 
 def test_an_ensemble_row_ranks_by_its_members_standardized_scores_averaged(tmp_path, tiny_backbone):
     """ensemble_run trains each member as variant_run does (same seed, same result) and scores
     the cases by the mean of their per-case standardized scores."""
-    from simulations.coldstart import ensemble_run, scoped, standardized, trained
+    from simulations.cold_protocol import scoped, standardized
+    from simulations.coldstart import ensemble_run, trained
 
     cfg, split, items, run = trained_cold_model(
         tmp_path, tiny_backbone, "text", epochs=2, item_id_embedding=False
