@@ -253,7 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "to 14 minutes each; hybrid+text-only, a hybrid and a text-only model a seed, 28 minutes.",
     )
     parser.add_argument(
-        "--only", nargs="+", choices=list(ROWS), help="model rows to run (default: all)"
+        "--only",
+        nargs="*",
+        choices=list(ROWS),
+        help="model rows to run (default: all); the others are kept from the results file. "
+        "With no names, only the reference rows are computed",
     )
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=list(SEEDS), help="training seeds (42 43 44)"
@@ -296,10 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{split.num_cold} cold items of {len(split.full)}, {len(split.cases)} cold interactions",
         flush=True,
     )
-    states = {0: item_states(base, split.full)}  # by adapter-k: k > 0 needs token states
+    states = {}  # by adapter-k (k > 0 needs token states), encoded when a row needs them
     write_split(split, args.models)
     rows = reference_rows(split)
-    for name in args.only or list(ROWS):
+    for name in list(ROWS) if args.only is None else args.only:
         configs = {m: base.merged(VARIANTS[m]) for m in ENSEMBLES.get(name, (name,))}
         for cfg in configs.values():
             if cfg.adapter_k not in states:

@@ -166,6 +166,44 @@ def test_rows_are_kept_only_from_a_run_of_the_same_split_and_budget(tmp_path):
     assert kept(split, {**split, **budget}) == []
 
 
+def test_only_without_names_computes_the_reference_rows_alone_and_keeps_the_model_rows(
+    tmp_path, monkeypatch
+):
+    """`--only` with no names trains nothing and encodes no text: the reference rows are
+    recomputed (a row the file lacks, such as a new reference, is added) and the stored model
+    rows of the same split and budget are kept."""
+    import common.task
+    from simulations.coldstart import main
+
+    data = tmp_path / "shop"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    (data / "items.csv").write_text(
+        "item_id,text\n" + "".join(f"p{j},product {j}\n" for j in range(40))
+    )
+    rows = [f"u{u},p{j},{t}\n" for u in range(12) for t, j in enumerate(rng.permutation(40)[:15])]
+    (data / "interactions.csv").write_text("user_id,item_id,timestamp\n" + "".join(rows))
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the reference rows need no item states")
+
+    monkeypatch.setattr(common.task, "item_states", no_encoding)
+    argv = ["--data", str(data), "--out", str(tmp_path), "--models", str(tmp_path / "m")]
+    argv += ["--epochs", "12", "--patience", "4", "--only"]
+    assert main(argv) == 0
+    path = tmp_path / "coldstart-shop.json"
+    first = json.loads(path.read_text())
+    assert [r["name"] for r in first["rows"]] == ["random", "popularity", "popularity-oracle"]
+    stored = {**first["rows"][0], "name": "hybrid", "seeds": [42]}
+    first["rows"] = [r for r in first["rows"] if r["name"] != "popularity-oracle"] + [stored]
+    path.write_text(json.dumps(first))
+    assert main(argv) == 0
+    second = json.loads(path.read_text())
+    names = [r["name"] for r in second["rows"]]
+    assert names == ["random", "popularity", "popularity-oracle", "hybrid"]
+    assert second["rows"][3] == stored
+
+
 def test_the_table_names_the_dataset_and_the_training_budget():
     row = {"name": "random", "seeds": [], "cold": {"hr@10": 0.1, "ndcg@10": 0.05}}
     row["all"] = row["cold"]
