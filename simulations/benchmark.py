@@ -107,6 +107,7 @@ def federated_row(
     output_root: Path,
     results_dir: Path = RESULTS,
     reuse: bool = False,
+    stored: dict | None = None,
 ) -> dict:
     """A scenario through simulations/run.py (real SuperLink), once per seed; or, when its
     [scenario] says runtime = "in-process", through simulations/inprocess.py (Flower's runtime
@@ -114,12 +115,17 @@ def federated_row(
 
     With `reuse`, a completed run already in a seed's output directory whose last round is the
     scenario's last round is read instead of run again (e.g. one extended with resume=true).
+    `stored`, the row as the results file has it: its seeds not in `seeds` are kept when it
+    was run with the same run config, so a row can be completed seed by seed.
     """
     spec = tomllib.loads(scenario.read_text())
     name = spec.get("scenario", {}).get("name", scenario.stem)
     cfg = Config().merged(spec.get("run", {}))
     runtime = spec.get("scenario", {}).get("runtime", "flower")
     seeds = seeds[: spec.get("scenario", {}).get("seeds", len(seeds))]
+    kept = kept_seeds(stored, config=_config_diff(cfg), seeds=seeds)
+    if kept:
+        print(f"\n== {name}: keeping stored seeds {', '.join(str(r['seed']) for r in kept)}")
     runs = []
     for seed in seeds:
         out = output_root / name / f"seed-{seed}"
@@ -128,11 +134,13 @@ def federated_row(
         else:
             _run_scenario(scenario, out, seed, runtime=runtime)
         runs.append(_read_federated(out, seed=seed))
-    # the first seed's curves next to the results: per-round metrics and the plot
-    first = output_root / name / f"seed-{seeds[0]}"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(first / "metrics.jsonl", results_dir / f"{name}.metrics.jsonl")
-    shutil.copyfile(first / "metrics.png", results_dir / f"{name}.png")
+    runs = sorted(kept + runs, key=lambda r: r["seed"])
+    # the lowest seed's curves next to the results (a kept seed's are there already)
+    if runs[0]["seed"] in seeds:
+        first = output_root / name / f"seed-{runs[0]['seed']}"
+        results_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(first / "metrics.jsonl", results_dir / f"{name}.metrics.jsonl")
+        shutil.copyfile(first / "metrics.png", results_dir / f"{name}.png")
     row = _row(name, runs, federated=True, k=cfg.adapter_k)
     row["runtime"] = runtime
     trained_means = {
@@ -166,6 +174,13 @@ def federated_row(
             dp_target_epsilon=cfg.dp_target_epsilon,
         )
     return row
+
+
+def kept_seeds(stored: dict | None, *, config: dict, seeds: list[int]) -> list[dict]:
+    """The stored row's per-seed runs not in `seeds`, if it was run with this run `config`."""
+    if not stored or stored.get("config") != json.loads(json.dumps(config)):
+        return []
+    return [r for r in stored.get("per_seed", []) if r["seed"] not in seeds]
 
 
 def _completed_rounds(out: Path) -> int | None:
@@ -337,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog="Rows: popularity, central-k0, central-k1 and every simulations/configs/"
         "bench-fed*.toml scenario, each with three seeds. Takes several hours on a 2-core CPU; "
-        "--only reruns some rows and keeps the others.",
+        "--only reruns some rows and keeps the others; a federated row rerun with --seeds "
+        "keeps its stored seeds not named there when its run config is unchanged.",
     )
     parser.add_argument(
         "--only",
@@ -411,12 +427,13 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append(
             (
                 name,
-                lambda s=scenario: federated_row(
+                lambda s=scenario, n=name: federated_row(
                     s,
                     seeds=seeds,
                     output_root=args.outputs,
                     results_dir=args.results,
                     reuse=args.reuse,
+                    stored=rows.get(n),
                 ),
             )
         )

@@ -103,3 +103,51 @@ def test_the_ablation_table_shows_each_variants_budget_when_rounds_differ():
     table = markdown(budget, 30)
     assert "at its last round" in table.splitlines()[0]
     assert table.splitlines()[-1] == "| c | x=1 | 0.0650 | 0.0700 (30) | 60 | 90 |"
+
+
+def completed_run(out, *, ndcg: float, rounds: int) -> None:
+    """What a finished seed leaves in its output directory, as the benchmark reads it."""
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({"status": "finished:completed"}))
+    trained = {"round_s": 0.3, "client_update_s_mean": 0.03, "bytes_per_client": 722_176}
+    trained.update(clients_train=5, client_peak_rss_mb=600.0, server_peak_rss_mb=800.0)
+    final = {"round": rounds, **trained, "best_val_ndcg10": ndcg + 0.02, "best_round": rounds}
+    final.update({"test_hr@10": 2 * ndcg, "test_ndcg@10": ndcg, "test_mrr@10": ndcg / 2})
+    lines = [{"round": 0}, {"round": 1, **trained}, final]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (out / "metrics.png").write_bytes(f"curve of {ndcg}".encode())
+
+
+def test_a_federated_row_is_completed_seed_by_seed_when_its_config_is_unchanged(tmp_path):
+    """Seeds run in another session stay in the row when the scenario's run config is the
+    same; after a change of config, only the seeds run now count."""
+    from simulations.benchmark import federated_row
+
+    scenario = tmp_path / "bench-fed-x.toml"
+    spec = '[scenario]\nname = "fed-x"\n[run]\nnum-server-rounds = 7\n{}'
+    spec += "[federation]\nnum-supernodes = 3\n"
+    scenario.write_text(spec.format(""))
+    outputs, results = tmp_path / "outputs", tmp_path / "results"
+    for seed, ndcg in ((42, 0.10), (43, 0.12), (44, 0.11)):
+        completed_run(outputs / "fed-x" / f"seed-{seed}", ndcg=ndcg, rounds=7)
+
+    def row(seeds, stored=None):
+        return federated_row(
+            scenario,
+            seeds=seeds,
+            output_root=outputs,
+            results_dir=results,
+            reuse=True,
+            stored=stored,
+        )
+
+    first = json.loads(json.dumps(row([42, 43])))  # as the results file keeps it
+    assert (results / "fed-x.png").read_bytes() == b"curve of 0.1"
+    (outputs / "fed-x" / "seed-42").rename(tmp_path / "gone")  # another session's outputs
+    whole = row([44], stored=first)
+    assert whole["seeds"] == [42, 43, 44]
+    assert whole["ndcg@10"] == pytest.approx(0.11) and whole["ndcg@10_std"] == pytest.approx(0.01)
+    assert whole["per_seed"][:2] == first["per_seed"]
+    assert (results / "fed-x.png").read_bytes() == b"curve of 0.1"  # seed 42's curve stays
+    scenario.write_text(spec.format("dropout = 0.3\n"))  # another config: nothing is kept
+    assert row([44], stored=first)["seeds"] == [44]
