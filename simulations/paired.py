@@ -2,8 +2,8 @@
 
 Per user, test NDCG@10 (full ranking, seen items excluded, ties against the target) of:
 
-- the headline federated row (`--row`, fed-k0-text-restart: the best federated row in
-  quality_ml100k.json): each seed's model that the server selected on validation
+- the headline federated row (`--row`, fed-k0-text-restart by default, the row paired.json
+  holds): each seed's model that the server selected on validation
   (`outputs/benchmark/<row>/seed-*/models/best`, written by `fedrec-benchmark`), scored again
   on the test split; the mean over users must equal the row in quality_ml100k.json, which
   checks that these are the models the row reported;
