@@ -123,9 +123,6 @@ def federated_row(
     cfg = Config().merged(spec.get("run", {}))
     runtime = spec.get("scenario", {}).get("runtime", "flower")
     seeds = seeds[: spec.get("scenario", {}).get("seeds", len(seeds))]
-    kept = kept_seeds(stored, config=_config_diff(cfg), seeds=seeds)
-    if kept:
-        print(f"\n== {name}: keeping stored seeds {', '.join(str(r['seed']) for r in kept)}")
     runs = []
     for seed in seeds:
         out = output_root / name / f"seed-{seed}"
@@ -134,7 +131,9 @@ def federated_row(
         else:
             _run_scenario(scenario, out, seed, runtime=runtime)
         runs.append(_read_federated(out, seed=seed))
-    runs = sorted(kept + runs, key=lambda r: r["seed"])
+    runs = report.merged_seeds(stored_runs(stored, config=_config_diff(cfg)), runs)
+    if kept := [str(r["seed"]) for r in runs if r["seed"] not in seeds]:
+        print(f"\n== {name}: kept stored seeds {', '.join(kept)}", flush=True)
     # the lowest seed's curves next to the results (a kept seed's are there already)
     if runs[0]["seed"] in seeds:
         first = output_root / name / f"seed-{runs[0]['seed']}"
@@ -176,11 +175,11 @@ def federated_row(
     return row
 
 
-def kept_seeds(stored: dict | None, *, config: dict, seeds: list[int]) -> list[dict]:
-    """The stored row's per-seed runs not in `seeds`, if it was run with this run `config`."""
+def stored_runs(stored: dict | None, *, config: dict) -> list[dict]:
+    """The stored row's per-seed runs, if it was run with this run `config`; else none."""
     if not stored or stored.get("config") != json.loads(json.dumps(config)):
         return []
-    return [r for r in stored.get("per_seed", []) if r["seed"] not in seeds]
+    return stored.get("per_seed", [])
 
 
 def _completed_rounds(out: Path) -> int | None:

@@ -266,13 +266,8 @@ def kept_runs(previous: dict | None, overrides: dict, scenario: str, runs: list[
     """A variant's runs after `runs`: the stored runs of other seeds stay when the stored row
     is the same variant (same_variant); a seed run again replaces its stored run. Sorted by
     seed."""
-    fresh = {r["seed"] for r in runs}
-    old = (
-        [r for r in previous["per_seed"] if r["seed"] not in fresh]
-        if same_variant(previous, overrides, scenario)
-        else []
-    )
-    return sorted(old + runs, key=lambda r: r["seed"])
+    stored = previous["per_seed"] if same_variant(previous, overrides, scenario) else []
+    return report.merged_seeds(stored, runs)
 
 
 def summarise(name: str, overrides: dict, runs: list[dict], scenario: str = "") -> dict[str, Any]:

@@ -75,6 +75,13 @@ def rows_by_name(path: Path) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in json.loads(path.read_text())} if path.exists() else {}
 
 
+def merged_seeds(stored: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A row's per-seed `runs` with the `stored` runs of the other seeds, sorted by seed (a seed
+    run again replaces its stored run): a row completed seed by seed."""
+    fresh = {r["seed"] for r in runs}
+    return sorted([r for r in stored if r["seed"] not in fresh] + runs, key=lambda r: r["seed"])
+
+
 def replace_block(path: Path, begin: str, end: str, text: str) -> bool:
     """Put text between the begin and end markers of a README, or of the docs/*.md beside it
     that holds them (a results block); False when no file has the markers."""
