@@ -131,7 +131,8 @@ def federated_row(
         else:
             _run_scenario(scenario, out, seed, runtime=runtime)
         runs.append(_read_federated(out, seed=seed))
-    runs = report.merged_seeds(stored_runs(stored, config=_config_diff(cfg)), runs)
+    config = _config_diff(cfg)
+    runs = report.merged_seeds(stored_runs(stored, config=config), runs)
     if kept := [str(r["seed"]) for r in runs if r["seed"] not in seeds]:
         print(f"\n== {name}: kept stored seeds {', '.join(kept)}", flush=True)
     # the lowest seed's curves next to the results (a kept seed's are there already)
@@ -157,7 +158,7 @@ def federated_row(
         **trained_means,
         client_peak_rss_mb=max(r["client_peak_rss_mb"] for r in runs),
         server_peak_rss_mb=max(r["server_peak_rss_mb"] for r in runs),
-        config=_config_diff(cfg),
+        config=config,
     )
     if cfg.dp_enabled:
         from common.privacy import ACCOUNTANT, COMPOSITION, UNIT  # opacus: slow to import
