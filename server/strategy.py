@@ -276,8 +276,12 @@ class ValidatedReplies:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats.setdefault(server_round, RoundStats())
         accepted: list[tuple[Message, dict[str, np.ndarray]]] = []  # (reply, its update)
-        replies = list(replies)
         sent = destinations(self._sent)
+        # taken in the order they were sent, not as they arrived: float32 sums then repeat
+        order = {message_id: i for i, message_id in enumerate(sent)}
+        replies = sorted(
+            replies, key=lambda msg: order.get(msg.metadata.reply_to_message_id, len(order))
+        )
         answered = {reply_node(msg, sent) for msg in replies}
         for node in sorted(set(sent.values()) - answered):  # no reply within the timeout
             self._lost(stats, server_round, node, "no reply: the round timed out, or the node left")

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from client.client_app import create_app as create_client_app
 from common.config import Config
+from common.rounds import read_rows
 from server.sampling import ShuffledPasses, node_ranks, ranked
 from server.server_app import run_federation
 from server.strategy import FedRecAvg
@@ -62,7 +63,8 @@ def test_a_seed_trains_the_same_users_every_round_whatever_ids_flower_gives_the_
     tmp_path, tiny_world
 ):
     """Two runs of one seed whose nodes got different random ids train the same partitions in
-    every round; Flower's own draw over its list of ids does not (the check below)."""
+    every round, and so repeat; Flower's own draw over its list of ids does not (the check
+    below)."""
     cfg = tiny_cfg(tmp_path, *tiny_world, partition="user", fraction_train=0.25)
     grids = [RandomIdGrid(create_client_app(cfg), num_nodes=24, id_seed=s) for s in (1, 2)]
     for i, grid in enumerate(grids):
@@ -70,6 +72,11 @@ def test_a_seed_trains_the_same_users_every_round_whatever_ids_flower_gives_the_
     assert len(grids[0].trained) == cfg.num_server_rounds
     assert all(len(cohort) == 6 for cohort in grids[0].trained)
     assert grids[0].trained == grids[1].trained
+    losses = [
+        [r["train_loss"] for r in read_rows(tmp_path / f"run-{i}" / "metrics.jsonl") if r["round"]]
+        for i in (0, 1)
+    ]
+    assert losses[0] == losses[1]  # the same users, so the same run
 
     def flowers_draw(grid: RandomIdGrid) -> list[int]:
         random.seed(cfg.seed)
