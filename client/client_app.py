@@ -79,6 +79,10 @@ def create_app(base: Config | None = None) -> ClientApp:
     def _install(msg: Message, context: Context) -> Message:
         return install_handler(msg, context, base)
 
+    @app.query("census")
+    def _census(msg: Message, context: Context) -> Message:
+        return census_handler(msg, context)
+
     return app
 
 
@@ -248,6 +252,15 @@ def _declined(msg: Message) -> Message:
     return Message(
         RecordDict({"metrics": MetricRecord({"num-examples": 0, "declined": 1})}), reply_to=msg
     )
+
+
+def census_handler(msg: Message, context: Context) -> Message:
+    """A simulated node's partition id, by which the server orders the nodes it draws cohorts
+    from (server/sampling.py); a device has none and declines."""
+    if "partition-id" not in context.node_config:
+        return _declined(msg)
+    partition = int(context.node_config["partition-id"])
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition})}), reply_to=msg)
 
 
 def install_handler(msg: Message, context: Context, base: Config) -> Message:

@@ -223,7 +223,7 @@ def open_recommender(args: argparse.Namespace):
     from client.installed import installed_metadata
     from client.recommender import LocalRecommender  # torch and the model: only for these
     from common.config import Config
-    from common.data import load_catalog
+    from common.readers import load_catalog
     from common.task import load_run_catalog
     from common.weights import read_metadata
 

@@ -104,7 +104,9 @@ class Config:
         metadata=_doc(
             "How a round's training cohort is drawn: random (Flower's draw, afresh every "
             "round) | shuffled (passes over the connected nodes in a reshuffled order, as "
-            "epochs go over a dataset: every node trains once before any trains twice)."
+            "epochs go over a dataset: every node trains once before any trains twice). In "
+            "simulation both draw from the nodes ranked by partition id, so the seed fixes "
+            "which users train each round."
         ),
     )
     fraction_evaluate: float = field(default=1.0, metadata=_doc("Fraction evaluated (0 = off)."))

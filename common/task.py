@@ -14,18 +14,10 @@ import torch
 
 from common.backbone import ItemStates, cached_item_states, load_backbone, resolve_backbone
 from common.config import Config
-from common.data import (
-    Catalog,
-    Dataset,
-    UserSplit,
-    load_catalog,
-    load_dataset,
-    load_interactions,
-    partition_users,
-    split_by_user,
-)
+from common.data import Catalog, Dataset, UserSplit, partition_users, split_by_user
 from common.metrics import rank_of_target, ranking_metrics
 from common.model import Recommender
+from common.readers import load_catalog, load_dataset, load_interactions
 from common.records import Records, build_records
 from common.train import EvalCase
 

@@ -1,14 +1,63 @@
-"""Cohorts drawn as passes over the nodes (client-sampling = "shuffled").
+"""How cohorts are drawn: from the nodes in an order the seed can rely on, and as passes.
+
+Flower gives simulated nodes fresh random ids every run and lists them as a set, so a cohort
+drawn with a seeded `random` from Flower's list trains different users in every run of the
+same seed. `node_ranks` asks every simulated node for its partition id once, before round 1;
+drawn from the nodes `ranked` by it, the seed fixes which users train in every round.
 
 Flower's strategies draw every round's cohort afresh, so over R rounds some nodes train
 several times and others not at all; central training instead goes over its data in epochs.
-`ShuffledPasses` gives a federation epochs: the connected nodes in a reshuffled order, the
-next cohort the next nodes of that order, a new order once all have trained.
+`ShuffledPasses` (client-sampling = "shuffled") gives a federation epochs: the connected nodes
+in a reshuffled order, the next cohort the next nodes of that order, a new order once all have
+trained.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from server.replies import destinations, reply_node
+
+log = logging.getLogger(__name__)
+
+CENSUS = "query.census"  # answered by client/client_app.py
+PARTITION_ID = "partition-id"
+
+
+def node_ranks(grid: Grid, *, timeout_s: float) -> dict[int, int]:
+    """Node id -> partition id of every connected simulated node that answers in time."""
+    nodes = sorted(grid.get_node_ids())
+    messages = [
+        Message(RecordDict(), dst_node_id=node, message_type=CENSUS, ttl=timeout_s)
+        for node in nodes
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    sent = destinations(messages)  # the grid has set the messages' ids
+    ranks = {}
+    for reply in replies:
+        if reply.has_error() or "metrics" not in reply.content:
+            continue
+        partition = reply.content["metrics"].get(PARTITION_ID)
+        if isinstance(partition, int) and partition >= 0:
+            ranks[reply_node(reply, sent)] = partition
+    log.info("Census: %d of %d nodes ranked by partition id", len(ranks), len(nodes))
+    if len(ranks) < len(nodes):
+        log.warning(
+            "%d of %d nodes gave no partition id; they are drawn after the others, by node id",
+            len(nodes) - len(ranks),
+            len(nodes),
+        )
+    return ranks
+
+
+def ranked(nodes: Iterable[int], ranks: Mapping[int, int]) -> list[int]:
+    """The nodes in an order that does not depend on their ids: by rank, then the unranked
+    ones by id."""
+    return sorted(nodes, key=lambda node: (0, ranks[node]) if node in ranks else (1, node))
 
 
 class ShuffledPasses:

@@ -37,6 +37,7 @@ from common.weights import (
 from server.grid import PromptGrid
 from server.replies import CLIENT_TIMES, REJECTIONS, destinations, reply_node
 from server.runlog import RunLog
+from server.sampling import node_ranks
 from server.strategy import CentralDP, ValidatedReplies, make_strategy
 
 log = logging.getLogger(__name__)
@@ -99,14 +100,17 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
 
     # 4. Strategy: min-nodes (deployment), else every partition, connected before round 1
     nodes = cfg.min_nodes or num_partitions(cfg, splits)
+    central_dp = central_dp_of(cfg, nodes) if cfg.dp_mode == "fedavg" else None
+    ranks = None  # a deployment's devices: Flower's draw over their node ids
     if not cfg.min_nodes:
         check_simulated_nodes(grid, cfg, expected=nodes)
-    central_dp = central_dp_of(cfg, nodes) if cfg.dp_mode == "fedavg" else None
-    # Flower's strategies draw each round's cohort with Python's `random`: seeded from the
-    # run (and the rounds already done), a run is repeatable. DP-FedAvg's Poisson sampling
-    # does not use it (OS entropy, server/strategy.py).
+        if central_dp is None:
+            ranks = node_ranks(grid, timeout_s=cfg.round_timeout_s)
+    # Cohorts are drawn with Python's `random`, from the simulated nodes ranked by partition:
+    # seeded from the run (and the rounds already done), a run trains the same users every
+    # round. DP-FedAvg's Poisson sampling does not use it (OS entropy, server/strategy.py).
     random.seed(cfg.seed * 1_000_003 + done)
-    strategy = strategy_of(cfg, nodes=nodes, central_dp=central_dp, done=done)
+    strategy = strategy_of(cfg, nodes=nodes, central_dp=central_dp, done=done, ranks=ranks)
 
     # 5. After each round: central evaluation (simulation), checkpoint, metrics row
     book = RoundBook(
@@ -154,9 +158,15 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
 
 
 def strategy_of(
-    cfg: Config, *, nodes: int, central_dp: CentralDP | None = None, done: int = 0
+    cfg: Config,
+    *,
+    nodes: int,
+    central_dp: CentralDP | None = None,
+    done: int = 0,
+    ranks: dict[int, int] | None = None,
 ) -> ValidatedReplies:
-    """The run's strategy over `nodes` connected nodes, `done` rounds already run."""
+    """The run's strategy over `nodes` connected nodes, `done` rounds already run, cohorts
+    drawn from the nodes ordered by `ranks` when given (server/sampling.py)."""
     fraction_train = 1.0 if central_dp else cfg.fraction_train  # DP: Poisson-sampled
     return make_strategy(
         cfg.strategy,
@@ -185,6 +195,7 @@ def strategy_of(
         fraction_train_final=cfg.fraction_train_final,
         client_sampling=cfg.client_sampling,
         restart_every=cfg.server_restart_every,
+        node_ranks=ranks,
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +44,7 @@ from server.replies import (
     reply_node,
     update_norm,
 )
-from server.sampling import ShuffledPasses
+from server.sampling import ShuffledPasses, ranked
 from server.schedules import RestartClock, scheduled_fraction, scheduled_rate
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ class ValidatedReplies:
         fraction_train_final: float = 0.0,
         client_sampling: str = "random",
         restart_every: int = 0,
+        node_ranks: Mapping[int, int] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -136,7 +137,12 @@ class ValidatedReplies:
             if client_sampling == "shuffled"
             else None
         )
-        self._nodes: list[int] = []  # the nodes connected when this round's cohort was drawn
+        # configure_train keeps the grid and `random`'s state before Flower draws the cohort
+        self._grid: Grid | None = None
+        self._draw_state: tuple = random.getstate()
+        # node id -> partition id (server/sampling.py): cohorts drawn from the nodes in that
+        # order, so that the seed fixes them; None: Flower's own draw
+        self.node_ranks = node_ranks
         if restart_every and not hasattr(self, "v_t"):
             raise ValueError(f"{type(self).__name__} has no optimizer state to restart.")
         self._restarts = RestartClock(restart_every) if restart_every else None
@@ -178,8 +184,11 @@ class ValidatedReplies:
         live is 12 hours)."""
         if self.central_dp is not None and message_type == MessageType.TRAIN:
             node_ids = self.poisson_sample(list(node_ids))
-        elif self._passes is not None and message_type == MessageType.TRAIN:
-            node_ids = self._passes.draw(self._nodes, len(list(node_ids)))  # Flower's size
+        elif message_type == MessageType.TRAIN and self._passes is not None:
+            node_ids = self._passes.draw(self._ranked_nodes(), len(list(node_ids)))
+        elif message_type == MessageType.TRAIN and self.node_ranks is not None:
+            random.setstate(self._draw_state)  # Flower's own draw, made from the ranked nodes
+            node_ids = random.sample(self._ranked_nodes(), len(list(node_ids)))
         wire = RecordDict(dict(record.items()))
         wire["arrays"] = encode_weights(
             {k: a.numpy() for k, a in record["arrays"].items()},
@@ -191,6 +200,10 @@ class ValidatedReplies:
             for msg in messages:
                 msg.metadata.ttl = self.message_ttl_s
         return messages
+
+    def _ranked_nodes(self) -> list[int]:
+        """The nodes connected now, in rank order (server/sampling.py)."""
+        return ranked(self._grid.get_node_ids(), self.node_ranks or {})
 
     def poisson_sample(self, node_ids: list[int]) -> list[int]:
         """DP-FedAvg's cohort: each node independently with probability q (OS entropy)."""
@@ -214,8 +227,7 @@ class ValidatedReplies:
         self._expected = {
             k: (update_shape(tuple(a.shape), self.wire_dtype), wire) for k, a in arrays.items()
         }
-        if self._passes is not None:
-            self._nodes = list(grid.get_node_ids())
+        self._grid, self._draw_state = grid, random.getstate()  # to draw the cohort again
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = messages
         stats.clients_sampled = len(messages)
@@ -264,8 +276,12 @@ class ValidatedReplies:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats.setdefault(server_round, RoundStats())
         accepted: list[tuple[Message, dict[str, np.ndarray]]] = []  # (reply, its update)
-        replies = list(replies)
         sent = destinations(self._sent)
+        # taken in the order they were sent, not as they arrived: float32 sums then repeat
+        order = {message_id: i for i, message_id in enumerate(sent)}
+        replies = sorted(
+            replies, key=lambda msg: order.get(msg.metadata.reply_to_message_id, len(order))
+        )
         answered = {reply_node(msg, sent) for msg in replies}
         for node in sorted(set(sent.values()) - answered):  # no reply within the timeout
             self._lost(stats, server_round, node, "no reply: the round timed out, or the node left")

@@ -229,7 +229,7 @@ def write_split(split: ColdSplit, directory: Path) -> None:
     the cases by external ids, as the freshness harness reads them."""
     import csv
 
-    from common.data import load_catalog
+    from common.readers import load_catalog
 
     directory.mkdir(parents=True, exist_ok=True)
     cold = range(split.num_warm, len(split.full))

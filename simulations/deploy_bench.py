@@ -31,7 +31,7 @@ import psutil
 
 from client.device import disk_bytes
 from common.config import Config
-from common.data import ensure_ml100k, load_dataset
+from common.readers import ensure_ml100k, load_dataset
 from simulations import report
 from simulations.loopback import LoopbackFederation
 

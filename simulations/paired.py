@@ -2,8 +2,9 @@
 
 Per user, test NDCG@10 (full ranking, seen items excluded, ties against the target) of:
 
-- the headline federated row (`--row`, fed-k0-text-restart by default, the row paired.json
-  holds): each seed's model that the server selected on validation
+- the headline federated row (`--row`, fed-k0-text-restart-ema by default): each of its seeds'
+  (`--seeds`, by default every seed the row has in quality_ml100k.json) model that the server
+  selected on validation
   (`outputs/benchmark/<row>/seed-*/models/best`, written by `fedrec-benchmark`), scored again
   on the test split; the mean over users must equal the row in quality_ml100k.json, which
   checks that these are the models the row reported;
@@ -32,8 +33,8 @@ from common.config import Config
 from simulations.report import CONFIGS, RESULTS, ROOT, markdown_table
 
 PAIRED_FILE = "paired.json"
-HEADLINE = "fed-k0-text-restart"
-SEEDS = (42, 43, 44)
+HEADLINE = "fed-k0-text-restart-ema"
+BASELINE_SEEDS = (42, 43, 44)
 RESAMPLES = 10_000
 K = 10
 
@@ -58,6 +59,16 @@ def bootstrap(diff: np.ndarray, *, resamples: int = RESAMPLES, seed: int = 0) ->
         "users": len(diff),
         "resamples": resamples,
     }
+
+
+def row_seeds(quality_file: Path, row: str) -> dict[int, float]:
+    """Seed -> test NDCG@10 of a k = 0 row of the quality file; exits naming what is wrong."""
+    quality = {r["name"]: r for r in json.loads(quality_file.read_text())}
+    if row not in quality:
+        raise SystemExit(f"{row!r} is not a row of {quality_file}.")
+    if quality[row].get("adapter_k", 0) != 0:  # the item states fedrec-paired builds are k = 0's
+        raise SystemExit(f"{row} has adapter-k > 0: fedrec-paired scores k = 0 rows only.")
+    return {s["seed"]: s["ndcg@10"] for s in quality[row]["per_seed"]}
 
 
 def saved_model_ranks(model_dir: Path, items, cases) -> tuple[np.ndarray, Config]:
@@ -86,13 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--row", default=HEADLINE, help=f"the federated row of quality_ml100k.json ({HEADLINE})"
     )
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=list(SEEDS), help="the row's seeds (42 43 44)"
+        "--seeds", type=int, nargs="+", help="the row's seeds (default: all the row has)"
     )
     parser.add_argument(
         "--baseline-seeds",
         type=int,
         nargs="+",
-        help="seeds of the id-only model trained here (default: --seeds)",
+        default=list(BASELINE_SEEDS),
+        help="seeds of the id-only model trained here (default: 42 43 44)",
     )
     parser.add_argument("--outputs", type=Path, default=ROOT / "outputs" / "benchmark")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -106,35 +118,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     from simulations.central import train_central
 
     started = time.perf_counter()
+    row, reported = args.row, row_seeds(args.out / QUALITY_FILE, args.row)
+    args.seeds = args.seeds or list(reported)
+    models = {}
+    for seed in args.seeds:
+        models[seed] = args.outputs / row / f"seed-{seed}" / "models" / "best"
+        if seed not in reported:
+            raise SystemExit(f"{row} has no seed {seed} in {QUALITY_FILE}: {sorted(reported)}.")
+        if not models[seed].is_dir():
+            raise SystemExit(
+                f"{row} seed {seed}: no saved model in {models[seed]}. Run `fedrec-benchmark "
+                f"--only {row} --seeds {seed}`, or name the seeds that have one (--seeds)."
+            )
+
     base = Config.from_toml(CONFIGS / "bench-central.toml")
     dataset, splits = load_data(base)
     users = list(splits)
     cases = eval_cases(users, "test")
     items = item_states(base, dataset.catalog)
-    quality = {r["name"]: r for r in json.loads((args.out / QUALITY_FILE).read_text())}
-    if args.row not in quality:
-        raise SystemExit(f"{args.row!r} is not a row of {args.out / QUALITY_FILE}.")
-    if quality[args.row].get("adapter_k", 0) != 0:  # the item states below are k = 0's
-        raise SystemExit(f"{args.row} has adapter-k > 0: fedrec-paired scores k = 0 rows only.")
-
     fed, checks = [], []
-    for seed in args.seeds:
-        ranks, _ = saved_model_ranks(
-            args.outputs / args.row / f"seed-{seed}" / "models" / "best", items, cases
-        )
+    for seed, best in models.items():
+        ranks, _ = saved_model_ranks(best, items, cases)
         fed.append(ndcg_per_user(ranks))
-        reported = next(s["ndcg@10"] for s in quality[args.row]["per_seed"] if s["seed"] == seed)
-        checks.append({"seed": seed, "reported": reported, "rescored": float(fed[-1].mean())})
-        if abs(reported - fed[-1].mean()) > 1e-6:
+        checks.append({"seed": seed, "reported": reported[seed], "rescored": float(fed[-1].mean())})
+        if abs(reported[seed] - fed[-1].mean()) > 1e-6:
             raise SystemExit(
-                f"{args.row} seed {seed}: the saved best model scores {fed[-1].mean():.6f} on "
-                f"test, the results file says {reported:.6f}: these are not the row's models."
+                f"{row} seed {seed}: the saved best model scores {fed[-1].mean():.6f} on test, "
+                f"the results file says {reported[seed]:.6f}: these are not the row's models."
             )
     headline = np.mean(fed, axis=0)
 
     id_runs = []
     id_cfg = base.merged({"item-text": False})
-    for seed in args.baseline_seeds or args.seeds:
+    for seed in args.baseline_seeds:
         model, run = train_central(
             id_cfg.replace(seed=seed),
             items=items,
@@ -160,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {
         "headline": args.row,
         "seeds": args.seeds,
-        "baseline_seeds": args.baseline_seeds or args.seeds,
+        "baseline_seeds": args.baseline_seeds,
         args.row: {"ndcg@10": float(headline.mean()), "rescored": checks},
         "central-id-only": {
             "ndcg@10": float(np.mean([r["ndcg@10"] for r in id_runs])),

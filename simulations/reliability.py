@@ -170,7 +170,7 @@ def control_api(*, work: Path) -> dict[str, Any]:
     """A `flwr` with only ca.crt, pointed at the public address, against a real server."""
     from common import credentials
     from common.config import Config
-    from common.data import ensure_ml100k
+    from common.readers import ensure_ml100k
     from simulations.deploy_bench import device_files
     from simulations.loopback import LoopbackFederation
 

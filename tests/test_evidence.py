@@ -163,3 +163,17 @@ def test_local_only_trains_each_user_alone_from_one_start(tmp_path: Path, tiny_b
     assert len(grid) == 2 * len(EPOCHS) and best == max(grid, key=lambda g: g["val_ndcg@10"])
     run = run_seed(cfg, users, items, len(data.catalog), 2)
     assert run["users"] == len(users) and 0.0 <= run["ndcg@10"] <= run["hr@10"] <= 1.0
+
+
+def test_paired_names_a_missing_model_or_seed_before_loading_any_data(tmp_path) -> None:
+    """By default every seed the row has is paired; one without a saved model, or one the
+    row does not have, stops the run at once with a sentence that says what to do."""
+    from simulations.paired import main
+
+    row = {"name": "fed-x", "adapter_k": 0, "per_seed": [{"seed": 7, "ndcg@10": 0.1}]}
+    (tmp_path / "quality_ml100k.json").write_text(json.dumps([row]))
+    common = ["--row", "fed-x", "--out", str(tmp_path), "--outputs", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit, match=r"fed-x seed 7: no saved model in .*seed-7.* --seeds 7"):
+        main(common)
+    with pytest.raises(SystemExit, match=r"fed-x has no seed 8 in quality_ml100k.json: \[7\]"):
+        main([*common, "--seeds", "8"])

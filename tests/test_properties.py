@@ -18,7 +18,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, Reco
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.data import Catalog, DataError, load_catalog, load_dataset, split_by_user
+from common.data import Catalog, DataError, split_by_user
+from common.readers import load_catalog, load_dataset
 from common.wire import SENT_AS, encode_update, update_shape
 from server.strategy import FedRecAvg
 from tests.test_strategy import reply as message  # node's reply to the message sent to it
@@ -35,11 +36,12 @@ ENCODINGS = ("utf-8", "utf-8-sig", "latin-1", "cp1252", "utf-16")
 @pytest.fixture(autouse=True)
 def quiet_logs():
     """The loaders warn about short users and empty texts: not what these tests look at."""
-    logging.getLogger("common.data").setLevel(logging.ERROR)
-    logging.getLogger("server.strategy").setLevel(logging.ERROR)
+    quiet = ("common.data", "common.readers", "server.strategy")
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.ERROR)
     yield
-    logging.getLogger("common.data").setLevel(logging.NOTSET)
-    logging.getLogger("server.strategy").setLevel(logging.NOTSET)
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 # --------------------------------------------------------------------------------------------

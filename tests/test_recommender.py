@@ -12,7 +12,7 @@ import torch
 from client.installed import install
 from client.recommender import LocalRecommender, UnknownItems, title_of
 from common.config import Config
-from common.data import load_catalog
+from common.readers import load_catalog
 from common.task import build_model, item_states, load_data, train_records
 from common.train import item_vectors, left_pad, train, user_vectors
 from common.weights import save_model_dir, trainable_state

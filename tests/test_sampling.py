@@ -1,4 +1,6 @@
-"""client-sampling = "shuffled": cohorts as passes over the nodes, as epochs over a dataset."""
+"""How cohorts are drawn: from the nodes ranked by partition, so that the seed fixes them
+(Flower gives simulated nodes random ids every run), and as passes over the nodes
+(client-sampling = "shuffled"), as epochs over a dataset."""
 
 import random
 from collections import Counter
@@ -8,10 +10,80 @@ import pytest
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
+from client.client_app import create_app as create_client_app
 from common.config import Config
-from server.sampling import ShuffledPasses
+from common.rounds import read_rows
+from server.sampling import ShuffledPasses, node_ranks, ranked
+from server.server_app import run_federation
 from server.strategy import FedRecAvg
+from simulations.inprocess import InProcessGrid
 from tests.test_strategy import FakeGrid, arrays, sent
+from tests.tiny import tiny_cfg
+
+
+class RandomIdGrid(InProcessGrid):
+    """In-process nodes under fresh random ids, listed in no set order, as Flower's simulation
+    registers them; notes the partitions of every round's training messages."""
+
+    def __init__(self, *args, id_seed: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        rng = random.Random(id_seed)
+        contexts = list(self.contexts.values())
+        rng.shuffle(contexts)
+        self.contexts = {}
+        for context in contexts:
+            context.node_id = rng.getrandbits(63)
+            self.contexts[context.node_id] = context
+        self.trained: list[list[int]] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        partitions = [
+            self.contexts[m.metadata.dst_node_id].node_config["partition-id"]
+            for m in messages
+            if m.metadata.message_type == "train"
+        ]
+        if partitions:
+            self.trained.append(sorted(partitions))
+        return super().push_messages(messages)
+
+
+def test_the_census_gives_each_simulated_node_its_partition_and_a_device_declines(tmp_path):
+    grid = RandomIdGrid(create_client_app(), num_nodes=5, id_seed=1)
+    device = next(iter(grid.contexts))
+    del grid.contexts[device].node_config["partition-id"]  # a real device has none
+    ranks = node_ranks(grid, timeout_s=30)
+    expected = {n: c.node_config["partition-id"] for n, c in grid.contexts.items() if n != device}
+    assert ranks == expected and len(ranks) == 4
+    assert ranked(grid.get_node_ids(), ranks)[-1] == device  # the unranked one last
+    assert [ranks[n] for n in ranked(grid.get_node_ids(), ranks)[:-1]] == sorted(ranks.values())
+
+
+def test_a_seed_trains_the_same_users_every_round_whatever_ids_flower_gives_the_nodes(
+    tmp_path, tiny_world
+):
+    """Two runs of one seed whose nodes got different random ids train the same partitions in
+    every round, and so repeat; Flower's own draw over its list of ids does not (the check
+    below)."""
+    cfg = tiny_cfg(tmp_path, *tiny_world, partition="user", fraction_train=0.25)
+    grids = [RandomIdGrid(create_client_app(cfg), num_nodes=24, id_seed=s) for s in (1, 2)]
+    for i, grid in enumerate(grids):
+        run_federation(grid, cfg.replace(output_dir=str(tmp_path / f"run-{i}")))
+    assert len(grids[0].trained) == cfg.num_server_rounds
+    assert all(len(cohort) == 6 for cohort in grids[0].trained)
+    assert grids[0].trained == grids[1].trained
+    losses = [
+        [r["train_loss"] for r in read_rows(tmp_path / f"run-{i}" / "metrics.jsonl") if r["round"]]
+        for i in (0, 1)
+    ]
+    assert losses[0] == losses[1]  # the same users, so the same run
+
+    def flowers_draw(grid: RandomIdGrid) -> list[int]:
+        random.seed(cfg.seed)
+        nodes = random.sample(list(grid.get_node_ids()), 6)
+        return sorted(grid.contexts[n].node_config["partition-id"] for n in nodes)
+
+    assert flowers_draw(grids[0]) != flowers_draw(grids[1])
 
 
 def test_every_node_trains_once_a_pass_and_a_cohort_never_holds_a_node_twice():
