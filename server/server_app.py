@@ -106,9 +106,10 @@ def run_federation(grid: Grid, cfg: Config, *, run_id: int = 0) -> None:
         check_simulated_nodes(grid, cfg, expected=nodes)
         if central_dp is None:
             ranks = node_ranks(grid, timeout_s=cfg.round_timeout_s)
-    # Cohorts are drawn with Python's `random`, from the simulated nodes ranked by partition:
-    # seeded from the run (and the rounds already done), a run trains the same users every
-    # round. DP-FedAvg's Poisson sampling does not use it (OS entropy, server/strategy.py).
+    # Cohorts are drawn from the simulated nodes ranked by partition, from a source seeded by
+    # the run (and the rounds already done): a run trains the same users every round. A
+    # deployment keeps Flower's draw (Python's `random`, seeded alike); DP-FedAvg's Poisson
+    # sampling uses neither (OS entropy, server/strategy.py).
     random.seed(cfg.seed * 1_000_003 + done)
     strategy = strategy_of(cfg, nodes=nodes, central_dp=central_dp, done=done, ranks=ranks)
 
@@ -196,6 +197,7 @@ def strategy_of(
         client_sampling=cfg.client_sampling,
         restart_every=cfg.server_restart_every,
         node_ranks=ranks,
+        cohort_seed=cfg.seed * 1_000_003 + done,
     )
 
 

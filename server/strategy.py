@@ -122,6 +122,7 @@ class ValidatedReplies:
         client_sampling: str = "random",
         restart_every: int = 0,
         node_ranks: Mapping[int, int] | None = None,
+        cohort_seed: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -131,15 +132,16 @@ class ValidatedReplies:
             )
         if client_sampling != "random" and central_dp is not None:
             raise ValueError("DP-FedAvg Poisson-samples its cohorts: client_sampling='random'.")
-        # shuffled: passes over the nodes, drawn with Python's `random` as Flower's own draw is
+        # the cohorts' own source: other code in the server process also draws from `random`,
+        # not always as often from one run to the next
+        self._cohort_rng = random.Random(cohort_seed)
+        # shuffled: passes over the nodes
         self._passes = (
-            ShuffledPasses(lambda nodes: random.sample(nodes, len(nodes)))
+            ShuffledPasses(lambda nodes: self._cohort_rng.sample(nodes, len(nodes)))
             if client_sampling == "shuffled"
             else None
         )
-        # configure_train keeps the grid and `random`'s state before Flower draws the cohort
-        self._grid: Grid | None = None
-        self._draw_state: tuple = random.getstate()
+        self._grid: Grid | None = None  # this round's (configure_train)
         # node id -> partition id (server/sampling.py): cohorts drawn from the nodes in that
         # order, so that the seed fixes them; None: Flower's own draw
         self.node_ranks = node_ranks
@@ -187,8 +189,7 @@ class ValidatedReplies:
         elif message_type == MessageType.TRAIN and self._passes is not None:
             node_ids = self._passes.draw(self._ranked_nodes(), len(list(node_ids)))
         elif message_type == MessageType.TRAIN and self.node_ranks is not None:
-            random.setstate(self._draw_state)  # Flower's own draw, made from the ranked nodes
-            node_ids = random.sample(self._ranked_nodes(), len(list(node_ids)))
+            node_ids = self._cohort_rng.sample(self._ranked_nodes(), len(list(node_ids)))
         wire = RecordDict(dict(record.items()))
         wire["arrays"] = encode_weights(
             {k: a.numpy() for k, a in record["arrays"].items()},
@@ -227,7 +228,7 @@ class ValidatedReplies:
         self._expected = {
             k: (update_shape(tuple(a.shape), self.wire_dtype), wire) for k, a in arrays.items()
         }
-        self._grid, self._draw_state = grid, random.getstate()  # to draw the cohort again
+        self._grid = grid  # the cohort is drawn again from its nodes (_construct_messages)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sent = messages
         stats.clients_sampled = len(messages)

@@ -35,9 +35,12 @@ class RandomIdGrid(InProcessGrid):
             context.node_id = rng.getrandbits(63)
             self.contexts[context.node_id] = context
         self.trained: list[list[int]] = []
+        self.id_seed = id_seed
 
     def push_messages(self, messages):
         messages = list(messages)
+        for _ in range(self.id_seed):  # as Flower's runtime may: other draws from `random`
+            random.random()
         partitions = [
             self.contexts[m.metadata.dst_node_id].node_config["partition-id"]
             for m in messages
@@ -119,6 +122,7 @@ def test_shuffled_cohorts_in_the_strategy_cover_every_node_each_pass_and_repeat(
             min_train_nodes=1,
             min_available_nodes=1,
             client_sampling=sampling,
+            cohort_seed=7,
         )
         return [
             [
