@@ -8,7 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.serverapp import Grid
 
 # Keys of the client's reply MetricRecord (see client/client_app.py).
 NUM_EXAMPLES = "num-examples"
@@ -72,6 +73,25 @@ def reply_node(reply: Message, sent: dict[str, int]) -> int:
     stopped answering comes from the SuperLink itself, so it is traced back to the node the
     original message went to."""
     return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
+def ask_nodes(
+    grid: Grid, nodes: Iterable[int], content: RecordDict, message_type: str, timeout_s: float
+) -> dict[int, Message]:
+    """Send `content` to each node (a message of `message_type` that expires with the
+    timeout) and return the replies that came within it, by node (errors included)."""
+    messages = [
+        Message(
+            RecordDict(dict(content.items())),
+            dst_node_id=node,
+            message_type=message_type,
+            ttl=timeout_s,
+        )
+        for node in nodes
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
+    sent = destinations(messages)  # the grid has set the messages' ids
+    return {reply_node(reply, sent): reply for reply in replies}
 
 
 def array_bytes(arrays: ArrayRecord) -> int:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from flwr.app import Message, RecordDict
+from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
-from server.replies import destinations, reply_node
+from server.replies import ask_nodes
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +30,14 @@ PARTITION_ID = "partition-id"
 
 def node_ranks(grid: Grid, *, timeout_s: float) -> dict[int, int]:
     """Node id -> partition id of every connected simulated node that answers in time."""
-    nodes = sorted(grid.get_node_ids())
-    messages = [
-        Message(RecordDict(), dst_node_id=node, message_type=CENSUS, ttl=timeout_s)
-        for node in nodes
-    ]
-    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
-    sent = destinations(messages)  # the grid has set the messages' ids
+    nodes = list(grid.get_node_ids())
     ranks = {}
-    for reply in replies:
+    for node, reply in ask_nodes(grid, nodes, RecordDict(), CENSUS, timeout_s).items():
         if reply.has_error() or "metrics" not in reply.content:
             continue
         partition = reply.content["metrics"].get(PARTITION_ID)
         if isinstance(partition, int) and partition >= 0:
-            ranks[reply_node(reply, sent)] = partition
+            ranks[node] = partition
     log.info("Census: %d of %d nodes ranked by partition id", len(ranks), len(nodes))
     if len(ranks) < len(nodes):
         log.warning(

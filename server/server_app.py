@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from common.backbone import backbone_identity
@@ -35,7 +35,7 @@ from common.weights import (
     trainable_state,
 )
 from server.grid import PromptGrid
-from server.replies import CLIENT_TIMES, REJECTIONS, destinations, reply_node
+from server.replies import CLIENT_TIMES, REJECTIONS, ask_nodes
 from server.runlog import RunLog
 from server.sampling import node_ranks
 from server.strategy import CentralDP, ValidatedReplies, make_strategy
@@ -256,20 +256,9 @@ def push_model(
             "catalog-sha256": metadata["catalog_sha256"],  # the device checks its catalog
         }
     )
-    messages = [
-        Message(
-            RecordDict({"arrays": arrays, "config": config}),
-            dst_node_id=node,
-            message_type="query.install",
-            ttl=timeout_s,
-        )
-        for node in nodes
-    ]
+    content = RecordDict({"arrays": arrays, "config": config})
     installed, failed = [], {}
-    replies = list(grid.send_and_receive(messages, timeout=timeout_s))
-    sent = destinations(messages)
-    for reply in replies:
-        node = reply_node(reply, sent)
+    for node, reply in ask_nodes(grid, nodes, content, "query.install", timeout_s).items():
         if reply.has_error():
             failed[node] = reply.error.reason
         else:
